@@ -1,0 +1,70 @@
+"""The algorithm protocol: a transform over one block and its captured inputs.
+
+An algorithm never picks a device, opens a file or names a model family. Whatever a later stage
+needs (AWQ scales and clips) it returns from `apply` as state keyed by full module name.
+"""
+from __future__ import annotations
+
+from typing import ClassVar, Optional
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from llmc.engine.block import BlockJob
+from llmc.models.adapter import set_module
+from llmc.quant.fake_linear import QuantLinear
+from llmc.quant.quantizer import QuantArgs
+
+
+class Options(BaseModel):
+    """`quant.special` for an algorithm; subclasses add fields. Unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Algorithm:
+    name: ClassVar[str]
+    Options: ClassVar[type[Options]] = Options
+    needs_targets: ClassVar[bool] = False   # wants the float block's outputs on the calibration data
+
+    def __init__(self, wargs: Optional[QuantArgs], aargs: Optional[QuantArgs], options: Options):
+        self.wargs, self.aargs, self.options = wargs, aargs, options
+
+    @classmethod
+    def needs_calibration(cls, wargs: Optional[QuantArgs], aargs: Optional[QuantArgs], options: Options) -> bool:
+        return bool(aargs and aargs.static)
+
+    @classmethod
+    def check(cls, config) -> None:
+        """Method-specific config checks, run before anything is loaded (raise ConfigError)."""
+
+    def apply(self, job: BlockJob, targets: Optional[list[torch.Tensor]]) -> dict:
+        raise NotImplementedError
+
+    # ---- shared steps ----------------------------------------------------------------------------
+    def install(self, job: BlockJob, name: str) -> QuantLinear:
+        """Replace a linear of the block by a QuantLinear (idempotent)."""
+        module = job.module(name)
+        if isinstance(module, QuantLinear):
+            return module
+        qlinear = QuantLinear(module, self.wargs, self.aargs)
+        set_module(job.block, name, qlinear)
+        return qlinear
+
+    def install_all(self, job: BlockJob) -> dict[str, QuantLinear]:
+        return {name: self.install(job, name) for name in job.quantized_layers()}
+
+    def calibrate_static_acts(self, job: BlockJob, qlinears: dict[str, QuantLinear]) -> None:
+        """Observe each quantized linear's input range over all batches, then fix static parameters."""
+        if not (self.aargs and self.aargs.static):
+            return
+        for q in qlinears.values():
+            q.act_quant.observing = True
+        try:
+            job.forward()
+        finally:
+            for q in qlinears.values():
+                q.act_quant.observing = False
+        for q in qlinears.values():
+            xmin, xmax = q.act_quant.observed_range()
+            q.act_quant.set_static(job.ctx.reduce(xmin, "min"), job.ctx.reduce(xmax, "max"))

@@ -1,0 +1,97 @@
+"""Checks that need the registries or the model's shapes; all run before any weight is loaded."""
+from __future__ import annotations
+
+import os
+
+from pydantic import ValidationError
+
+from llmc.config.loader import format_validation_error
+from llmc.config.schema import Config
+from llmc.errors import ConfigError
+from llmc.registry import ALGORITHMS, DATASETS, PREPROCESSORS
+
+WEIGHT_GRANULARITIES = ("per_tensor", "per_channel", "per_group")
+ACT_GRANULARITIES = ("per_tensor", "per_token", "per_head", "per_group")
+
+
+def algorithm_options(config: Config):
+    """The chosen algorithm class and its validated `quant.special` options."""
+    import llmc.algorithms  # noqa: F401  (registration)
+
+    cls = ALGORITHMS.get(config.quant.method, "quant.method")
+    try:
+        options = cls.Options.model_validate(config.quant.special)
+    except ValidationError as err:
+        text = format_validation_error(err)
+        allowed = ", ".join(cls.Options.model_fields) or "(none)"
+        text = "\n".join(f"quant.special.{line}" for line in text.splitlines())
+        raise ConfigError("", f"invalid options for {cls.name}:\n{text}\n{cls.name} accepts: {allowed}") from None
+    return cls, options
+
+
+def _check_path(key: str, path, download: bool) -> None:
+    if download:
+        return
+    if not path:
+        raise ConfigError(key, "is required when download is False (a local file or saved dataset folder)")
+    if not os.path.exists(path):
+        raise ConfigError(key, f"'{path}' does not exist")
+
+
+def check_config(config: Config) -> None:
+    import llmc.data  # noqa: F401  (registration)
+
+    q = config.quant
+    if q.weight is None and q.act is None:
+        raise ConfigError("quant", "needs a weight and/or an act section: nothing would be quantized")
+    if q.weight is not None:
+        if q.weight.granularity not in WEIGHT_GRANULARITIES:
+            raise ConfigError("quant.weight.granularity", f"'{q.weight.granularity}' is for activations; "
+                              f"weights take one of {', '.join(WEIGHT_GRANULARITIES)}")
+        if q.weight.static:
+            raise ConfigError("quant.weight.static", "only activations have static/dynamic ranges")
+    if q.act is not None:
+        if q.act.granularity not in ACT_GRANULARITIES:
+            raise ConfigError("quant.act.granularity", f"'{q.act.granularity}' is not an activation granularity; "
+                              f"use one of {', '.join(ACT_GRANULARITIES)}")
+        if q.act.static and config.calib is None:
+            raise ConfigError("quant.act.static", "static activation ranges need a calib section")
+    cls, options = algorithm_options(config)
+    cls.check(config)
+    needs_calib = cls.needs_calibration(*_args(config), options)
+    if needs_calib and config.calib is None:
+        raise ConfigError("calib", f"{cls.name} with these settings needs calibration data: add a calib section")
+    if config.calib is not None:
+        DATASETS.get(config.calib.name, "calib.name")
+        if config.calib.preproc is not None:
+            PREPROCESSORS.get(config.calib.preproc, "calib.preproc")
+        _check_path("calib.path", config.calib.path, config.calib.download)
+    for i, ev in enumerate(config.eval):
+        prefix = "eval" if len(config.eval) == 1 else f"eval.{i}"
+        for name in ev.name:
+            DATASETS.get(name, f"{prefix}.name")
+        _check_path(f"{prefix}.path", ev.path, ev.download)
+
+
+def _args(config: Config):
+    from llmc.quant.quantizer import QuantArgs
+
+    return QuantArgs.from_cfg(config.quant.weight), QuantArgs.from_cfg(config.quant.act)
+
+
+def check_against_model(config: Config, adapter) -> None:
+    """Shape checks on the (meta-device) model: group sizes must divide every quantized linear's in_features."""
+    w = config.quant.weight
+    if w is None or w.granularity != "per_group":
+        return
+    for i, block in enumerate(adapter.block_list()):
+        for name in adapter.linear_names():
+            linear = block.get_submodule(name)
+            if linear.in_features % w.group_size:
+                raise ConfigError("quant.weight.group_size", f"{w.group_size} does not divide in_features "
+                                  f"{linear.in_features} of {adapter.block_name(i)}.{name}; choose a divisor "
+                                  f"(e.g. {_divisor_hint(linear.in_features)})")
+
+
+def _divisor_hint(n: int) -> str:
+    return ", ".join(str(g) for g in (32, 64, 128, 256) if n % g == 0) or "per_channel"

@@ -1,0 +1,185 @@
+"""The config schema, LLMC's sections as typed pydantic models.
+
+Every section forbids unknown keys so a typo fails before any model is loaded. `quant.special`
+is kept as a dict here and validated by the chosen algorithm's own options model.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Granularity = Literal["per_tensor", "per_channel", "per_group", "per_token", "per_head"]
+EVAL_POSITIONS = ("pretrain", "transformed", "fake_quant", "fake_quant_wo_kv")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class BaseCfg(Section):
+    seed: int = 42
+
+
+class ModelCfg(Section):
+    type: Optional[str] = None
+    path: str
+    gguf_file: Optional[str] = None
+    torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    tokenizer_mode: Literal["slow", "fast"] = "fast"
+    # The dtype block forwards and learned methods compute in; statistics stay float32 whatever this is.
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class CalibCfg(Section):
+    name: str
+    download: bool = False
+    path: Optional[str] = None
+    n_samples: int = Field(128, ge=1)
+    bs: int = -1
+    seq_len: int = Field(512, ge=1)
+    preproc: Optional[str] = None
+    seed: int = 42
+    # Keep captured block activations on the compute device (fast) or on the CPU (saves device memory).
+    activations_on: Literal["device", "cpu"] = "device"
+
+    @field_validator("bs")
+    @classmethod
+    def _bs(cls, v: int) -> int:
+        if v != -1 and v < 1:
+            raise ValueError("must be -1 (one batch of all samples) or a positive batch size")
+        return v
+
+
+class EvalCfg(Section):
+    eval_pos: list[Literal[EVAL_POSITIONS]] = ["pretrain", "fake_quant"]  # type: ignore[valid-type]
+    name: list[str] = ["wikitext2"]
+    type: Literal["ppl"] = "ppl"
+    download: bool = False
+    path: Optional[str] = None
+    seq_len: int = Field(2048, ge=2)
+    bs: int = Field(1, ge=1)
+    num_samples: Optional[int] = Field(None, ge=1)
+    inference_per_block: bool = False
+
+    @field_validator("eval_pos", "name", mode="before")
+    @classmethod
+    def _listify(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+
+class QuantSpecCfg(Section):
+    """One quantizer: integer bits (or a float format name), sign, granularity and range calibration."""
+
+    bit: Union[int, Literal["e4m3", "e5m2"]] = 8
+    symmetric: bool = True
+    granularity: Granularity = "per_channel"
+    group_size: int = -1
+    head_num: Optional[int] = Field(None, ge=1)
+    calib_algo: Literal["minmax", "mse", "learnable", "static_hist", "percentile"] = "minmax"
+    static: bool = False
+    ste: bool = False
+    # mse search: shrink the range down to maxshrink of its width over mse_grid steps, error norm mse_norm.
+    maxshrink: float = Field(0.8, gt=0, le=1)
+    mse_grid: int = Field(100, ge=1)
+    mse_norm: float = Field(2.4, gt=0)
+    mse_b_num: int = Field(1, ge=1)
+    percentile: float = Field(99.99, gt=0, le=100)
+
+    @field_validator("bit")
+    @classmethod
+    def _bit(cls, v: Any) -> Any:
+        if isinstance(v, int) and not 1 <= v <= 8:
+            raise ValueError("integer bits must be between 1 and 8")
+        return v
+
+    @model_validator(mode="after")
+    def _group(self) -> "QuantSpecCfg":
+        if self.granularity == "per_group" and self.group_size < 1:
+            raise ValueError("granularity per_group needs group_size >= 1 (e.g. group_size: 128)")
+        if self.granularity != "per_group" and self.group_size not in (-1, 0):
+            raise ValueError(f"group_size {self.group_size} is only used with granularity per_group "
+                             f"(got granularity {self.granularity}); set group_size: -1 or granularity: per_group")
+        if self.granularity == "per_head" and self.head_num is None:
+            raise ValueError("granularity per_head needs head_num")
+        return self
+
+
+class QuantCfg(Section):
+    method: str
+    weight: Optional[QuantSpecCfg] = None
+    act: Optional[QuantSpecCfg] = None
+    kvcache: Optional[dict[str, Any]] = None
+    special: dict[str, Any] = {}
+    quant_out: bool = False
+    # Quantize lm_head too (off by default; with tied embeddings it would change the embeddings too).
+    quant_lm_head: bool = False
+
+    @field_validator("special", mode="before")
+    @classmethod
+    def _special(cls, v: Any) -> Any:
+        return {} if v is None else v
+
+
+class SaveCfg(Section):
+    save_trans: bool = False
+    save_fake: bool = False
+    save_path: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _path(self) -> "SaveCfg":
+        if (self.save_trans or self.save_fake) and not self.save_path:
+            raise ValueError("save_trans/save_fake need save_path")
+        return self
+
+
+class IgnoredLayersCfg(Section):
+    """LLMC's ignored layers: a linear stays float when its block is in block_ids (all blocks when empty)
+    and its name in layer_names (all when empty), or its full name is in special_names."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    block_ids: list[Union[int, str]] = []
+    layer_names: list[str] = []
+    special_names: list[str] = Field([], alias="speical_names")
+
+    @field_validator("block_ids")
+    @classmethod
+    def _ids(cls, v: list) -> list:
+        for item in v:
+            if isinstance(item, str) and not _is_range(item):
+                raise ValueError(f"'{item}' is not a block index or a range like '15-23'")
+        return v
+
+    def block_set(self) -> set[int]:
+        ids: set[int] = set()
+        for item in self.block_ids:
+            if isinstance(item, int):
+                ids.add(item)
+            elif "-" in item:
+                lo, hi = item.split("-")
+                ids.update(range(int(lo), int(hi) + 1))
+            else:
+                ids.add(int(item))
+        return ids
+
+
+def _is_range(text: str) -> bool:
+    parts = text.split("-")
+    return all(p.strip().isdigit() for p in parts) and len(parts) in (1, 2)
+
+
+class Config(Section):
+    base: BaseCfg = BaseCfg()
+    model: ModelCfg
+    calib: Optional[CalibCfg] = None
+    eval: list[EvalCfg] = []
+    quant: QuantCfg
+    save: SaveCfg = SaveCfg()
+    ignored_layers: Optional[IgnoredLayersCfg] = None
+
+    @field_validator("eval", mode="before")
+    @classmethod
+    def _eval_list(cls, v: Any) -> Any:
+        if v is None:
+            return []
+        return [v] if isinstance(v, dict) else v

@@ -1,0 +1,78 @@
+"""Model adapters declare structure only: where the blocks are, what surrounds them, and per block the
+ordered subsets of linears that share one input (with the op in front of them that can absorb a scale)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Optional
+
+from torch import nn
+
+from llmc.errors import ConfigError
+from llmc.registry import ADAPTERS
+
+
+@dataclass(frozen=True)
+class Subset:
+    layers: tuple[str, ...]        # linears fed by the same input, names relative to the block
+    prev_op: Optional[str]         # norm or linear whose output is that input (None: nothing can absorb a scale)
+    input: str                     # the linear whose input is captured for the subset
+    inspect: str                   # module whose output measures a transform's error
+    has_kwargs: bool = False       # inspect needs the block's kwargs (attention mask, rotary embeddings)
+
+
+def get_module(root: nn.Module, dotted: str) -> nn.Module:
+    return root.get_submodule(dotted) if dotted else root
+
+
+def set_module(root: nn.Module, dotted: str, module: nn.Module) -> None:
+    parent, _, leaf = dotted.rpartition(".")
+    setattr(get_module(root, parent), leaf, module)
+
+
+class Adapter:
+    """Structure of one model family; subclasses only fill in the class attributes."""
+
+    blocks: ClassVar[str]                 # the ModuleList of decoder blocks
+    backbone: ClassVar[str] = "model"     # module whose forward runs embeddings → blocks → final norm
+    embeddings: ClassVar[list[str]]
+    final: ClassVar[list[str]]            # final norm (and projections) applied after the last block
+    lm_head: ClassVar[str] = "lm_head"
+    subsets: ClassVar[list[Subset]]
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def block_list(self) -> nn.ModuleList:
+        return get_module(self.model, self.blocks)
+
+    def block_name(self, index: int) -> str:
+        return f"{self.blocks}.{index}"
+
+    def linear_names(self) -> list[str]:
+        return [name for subset in self.subsets for name in subset.layers]
+
+    def present(self, names: list[str]) -> list[str]:
+        """Names that exist on this model (e.g. OPT's project_in exists only for some sizes)."""
+        out = []
+        for name in names:
+            try:
+                if get_module(self.model, name) is not None:
+                    out.append(name)
+            except AttributeError:
+                pass
+        return out
+
+
+def adapter_class(model_type: Optional[str], declared: Optional[str]) -> type[Adapter]:
+    """The adapter for an HF `model_type`; a declared `model.type` must agree with it."""
+    import llmc.models.families  # noqa: F401  (registration)
+
+    if declared is None:
+        if model_type not in ADAPTERS:
+            raise ConfigError("model.type", f"no adapter for the checkpoint's model_type '{model_type}'. "
+                              f"Supported: {', '.join(ADAPTERS.names())}")
+        return ADAPTERS.get(model_type)
+    cls = ADAPTERS.get(declared, "model.type")
+    if model_type in ADAPTERS and ADAPTERS.get(model_type) is not cls:
+        raise ConfigError("model.type", f"'{declared}' does not match the checkpoint's model_type '{model_type}'")
+    return cls

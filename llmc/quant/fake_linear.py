@@ -1,0 +1,142 @@
+"""Fake-quant modules: a linear that quantizes its weight (and optionally its input) on the grid the
+algorithm chose, and the activation quantizer it uses."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmc.quant.quantizer import QuantArgs, calibrate, dequantize, grouped, qparams_from_range, quantize, row_range
+
+
+class ActQuantizer(nn.Module):
+    """Dynamic (per token/tensor/head, parameters from each input) or static (parameters calibrated once)."""
+
+    def __init__(self, args: QuantArgs):
+        super().__init__()
+        self.args = args
+        self.register_buffer("scale", None)
+        self.register_buffer("zero", None)
+        self.observing = False
+        self._min: Optional[torch.Tensor] = None
+        self._max: Optional[torch.Tensor] = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observing:
+            self._observe(x)
+            return x
+        xg = grouped(x, self.args)
+        if self.args.static:
+            if self.scale is None:
+                raise RuntimeError("static activation quantizer used before calibration")
+            scale, zero = self.scale, self.zero
+        else:
+            scale, zero = calibrate(xg.detach(), self.args)
+        return dequantize(quantize(xg.float(), scale, zero, self.args), scale, zero).reshape(x.shape).to(x.dtype)
+
+    def _observe(self, x: torch.Tensor) -> None:
+        xmin, xmax = row_range(grouped(x.detach().float(), self.args))
+        xmin, xmax = xmin.amin(dim=0, keepdim=True), xmax.amax(dim=0, keepdim=True)
+        self._min = xmin if self._min is None else torch.minimum(self._min, xmin)
+        self._max = xmax if self._max is None else torch.maximum(self._max, xmax)
+
+    def observed_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._min, self._max
+
+    def set_static(self, xmin: torch.Tensor, xmax: torch.Tensor) -> None:
+        self.scale, self.zero = qparams_from_range(xmin, xmax, self.args)
+        self._min = self._max = None
+
+    def extra_repr(self) -> str:
+        return self.args.describe()
+
+
+class QuantLinear(nn.Module):
+    """Holds the float (possibly transformed) weight and its quantization grid.
+
+    With quantization enabled the forward uses the fake-quantized weight (cached until the weight or
+    the grid changes); disabled, it is the plain linear. Parameter names match nn.Linear, and the
+    grid buffers are not persistent, so `state_dict` keys are those of the original model.
+    """
+
+    def __init__(self, linear: nn.Linear, wargs: Optional[QuantArgs], aargs: Optional[QuantArgs] = None):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.wargs = wargs
+        self.act_quant = ActQuantizer(aargs) if aargs is not None else None
+        self.register_buffer("w_scale", None, persistent=False)
+        self.register_buffer("w_zero", None, persistent=False)
+        self.quant_enabled = True
+        self._cache_key = None
+        self._cache: Optional[torch.Tensor] = None
+
+    def set_weight_qparams(self, scale: Optional[torch.Tensor] = None, zero: Optional[torch.Tensor] = None) -> None:
+        """Fix the grid; calibrated from the current weight with the configured algorithm when not given."""
+        if self.wargs is None:
+            return
+        if scale is None:
+            scale, zero = calibrate(grouped(self.weight.detach(), self.wargs), self.wargs)
+        self.w_scale, self.w_zero = scale.detach(), zero.detach()
+        self._cache = None
+
+    def int_weight(self) -> torch.Tensor:
+        """Integer codes of the weight, shaped like grouped(weight)."""
+        return quantize(grouped(self.weight.detach().float(), self.wargs), self.w_scale, self.w_zero, self.wargs)
+
+    def fake_weight(self) -> torch.Tensor:
+        if self.wargs is None:
+            return self.weight
+        if self.w_scale is None:
+            self.set_weight_qparams()
+        key = (self.weight.data_ptr(), self.weight._version, self.w_scale.data_ptr())
+        if self._cache is None or self._cache_key != key or self.weight.requires_grad:
+            fq = dequantize(self.int_weight(), self.w_scale, self.w_zero)
+            self._cache = fq.reshape(self.weight.shape).to(self.weight.dtype)
+            self._cache_key = key
+        return self._cache
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.quant_enabled:
+            return F.linear(x, self.weight, self.bias)
+        if self.act_quant is not None:
+            x = self.act_quant(x)
+        return F.linear(x, self.fake_weight(), self.bias)
+
+    def to_linear(self, fake: bool) -> nn.Linear:
+        """A plain nn.Linear with the float or the fake-quantized weight (for saving)."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device="meta", dtype=self.weight.dtype)
+        linear.weight = nn.Parameter(self.fake_weight().detach().clone() if fake else self.weight.detach(),
+                                     requires_grad=False)
+        if self.bias is not None:
+            linear.bias = nn.Parameter(self.bias.detach(), requires_grad=False)
+        return linear
+
+    def extra_repr(self) -> str:
+        w = self.wargs.describe() if self.wargs else "float"
+        return f"in={self.in_features}, out={self.out_features}, weight={w}"
+
+
+def quant_linears(model: nn.Module) -> Iterator[tuple[str, QuantLinear]]:
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            yield name, module
+
+
+@contextmanager
+def quant_disabled(model: nn.Module) -> Iterator[None]:
+    """Run the model as its transformed float self (eval position `transformed`)."""
+    modules = [m for _, m in quant_linears(model)]
+    before = [m.quant_enabled for m in modules]
+    for m in modules:
+        m.quant_enabled = False
+    try:
+        yield
+    finally:
+        for m, state in zip(modules, before):
+            m.quant_enabled = state

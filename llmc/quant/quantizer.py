@@ -1,0 +1,154 @@
+"""Quantizer primitives: pure functions on tensors, shared by every algorithm and every exporter.
+
+Integer grids are signed for both schemes, q ∈ [-2^(b-1), 2^(b-1)-1]: symmetric uses zero = 0 and
+scale = absmax / ((qmax - qmin) / 2), the convention of GPTQ and compressed-tensors, so the negative end
+of the grid is usable; asymmetric widens [min, max] to include 0 and picks an integer zero point.
+Exporters that store unsigned codes add 2^(b-1) to codes and zero points.
+Statistics are reduced over the last dimension of `grouped(x)`; every granularity is a reshape.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Optional
+
+import torch
+
+FLOAT_FORMATS = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+
+
+@dataclass(frozen=True)
+class QuantArgs:
+    bit: int | str = 8
+    symmetric: bool = True
+    granularity: str = "per_channel"
+    group_size: int = -1
+    head_num: Optional[int] = None
+    calib_algo: str = "minmax"
+    static: bool = False
+    ste: bool = False
+    maxshrink: float = 0.8
+    mse_grid: int = 100
+    mse_norm: float = 2.4
+    percentile: float = 99.99
+
+    @classmethod
+    def from_cfg(cls, cfg) -> Optional["QuantArgs"]:
+        if cfg is None:
+            return None
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in cfg.model_dump().items() if k in names})
+
+    @property
+    def is_float(self) -> bool:
+        return isinstance(self.bit, str)
+
+    @property
+    def qmin(self) -> float:
+        return -FLOAT_MAX[self.bit] if self.is_float else -(2 ** (self.bit - 1))
+
+    @property
+    def qmax(self) -> float:
+        return FLOAT_MAX[self.bit] if self.is_float else 2 ** (self.bit - 1) - 1
+
+    def describe(self) -> str:
+        kind = f"fp8-{self.bit}" if self.is_float else f"int{self.bit}"
+        gran = f"g{self.group_size}" if self.granularity == "per_group" else self.granularity
+        return f"{kind} {'sym' if self.symmetric else 'asym'} {gran}{' static' if self.static else ''}"
+
+
+FLOAT_MAX = {name: torch.finfo(dtype).max for name, dtype in FLOAT_FORMATS.items()}
+
+
+def grouped(x: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+    """View `x` as [rows, k] so that one (scale, zero) pair belongs to each row."""
+    g = args.granularity
+    if g == "per_tensor":
+        return x.reshape(1, -1)
+    if g == "per_channel":  # weights [out, in]: one row per output channel
+        return x.reshape(x.shape[0], -1)
+    if g == "per_group":
+        if x.shape[-1] % args.group_size:
+            raise ValueError(f"group_size {args.group_size} does not divide the last dimension {x.shape[-1]}")
+        return x.reshape(-1, args.group_size)
+    if g == "per_token":
+        return x.reshape(-1, x.shape[-1])
+    if g == "per_head":
+        return x.reshape(-1, x.shape[-1] // args.head_num)
+    raise ValueError(f"unknown granularity {g}")
+
+
+def qparams_from_range(xmin: torch.Tensor, xmax: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) for each row from its range; zero is an integer-valued float tensor."""
+    xmin, xmax = xmin.float(), xmax.float()
+    eps = torch.finfo(torch.float32).eps
+    if args.symmetric or args.is_float:
+        absmax = torch.maximum(xmin.abs(), xmax.abs())
+        half_range = args.qmax if args.is_float else (args.qmax - args.qmin) / 2
+        scale = (absmax / half_range).clamp(min=eps)
+        return scale, torch.zeros_like(scale)
+    xmin = torch.minimum(xmin, torch.zeros_like(xmin))
+    xmax = torch.maximum(xmax, torch.zeros_like(xmax))
+    scale = ((xmax - xmin) / (args.qmax - args.qmin)).clamp(min=eps)
+    zero = torch.round(args.qmin - xmin / scale).clamp(args.qmin, args.qmax)
+    return scale, zero
+
+
+def _round(x: torch.Tensor, ste: bool) -> torch.Tensor:
+    return x + (torch.round(x) - x).detach() if ste else torch.round(x)
+
+
+def quantize(xg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+    """Integer codes (as floats) of a grouped tensor; float formats return values on the fp8 grid."""
+    if args.is_float:
+        scaled = (xg / scale).clamp(args.qmin, args.qmax)
+        return scaled.to(FLOAT_FORMATS[args.bit]).to(xg.dtype)
+    return torch.clamp(_round(xg / scale, args.ste) + zero, args.qmin, args.qmax)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return (q - zero) * scale
+
+
+def row_range(xg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return xg.amin(dim=-1, keepdim=True), xg.amax(dim=-1, keepdim=True)
+
+
+def mse_qparams(xg: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grid search over shrunken ranges [p·min, p·max], p from 1 down to maxshrink, keeping per row the
+    candidate with the smallest sum |x - Q(x)|^norm. p = 1 is the minmax candidate, so never worse."""
+    xf = xg.float()
+    xmin, xmax = row_range(xf)
+    best_scale, best_zero = qparams_from_range(xmin, xmax, args)
+    best_err = _err(xf, best_scale, best_zero, args)
+    steps = max(1, int(round(args.mse_grid * (1 - args.maxshrink))))
+    for i in range(1, steps + 1):
+        p = 1 - i / args.mse_grid
+        scale, zero = qparams_from_range(p * xmin, p * xmax, args)
+        err = _err(xf, scale, zero, args)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
+def _err(xf, scale, zero, args) -> torch.Tensor:
+    fq = dequantize(quantize(xf, scale, zero, args), scale, zero)
+    return (fq - xf).abs().pow(args.mse_norm).sum(dim=-1, keepdim=True)
+
+
+def calibrate(xg: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) per row of a grouped tensor with the configured range calibration."""
+    if args.calib_algo == "mse":
+        return mse_qparams(xg, args)
+    return qparams_from_range(*row_range(xg), args)
+
+
+def fake_quant(x: torch.Tensor, args: QuantArgs, scale: Optional[torch.Tensor] = None,
+               zero: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Quantize-dequantize `x` (any granularity); parameters are calibrated on `x` when not given."""
+    xg = grouped(x, args)
+    if scale is None:
+        scale, zero = calibrate(xg, args)
+    out = dequantize(quantize(xg.float(), scale, zero, args), scale, zero)
+    return out.reshape(x.shape).to(x.dtype)

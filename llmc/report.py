@@ -1,0 +1,32 @@
+"""The run's summary: a table on the terminal, results.json and results.md in the output folder."""
+from __future__ import annotations
+
+import resource
+from pathlib import Path
+
+from llmc.export.atomic import atomic_write_json, atomic_write_text
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def summary_table(evals: list[dict]) -> str:
+    base = {e["dataset"]: e["ppl"] for e in evals if e["pos"] == "pretrain"}
+    rows = [("position", "dataset", "PPL", "vs pretrain", "windows x seq_len")]
+    for e in evals:
+        ref = base.get(e["dataset"])
+        delta = "" if ref is None or e["pos"] == "pretrain" else f"{100 * (e['ppl'] / ref - 1):+.2f}%"
+        rows.append((e["pos"], e["dataset"], f"{e['ppl']:.4f}", delta, f"{e['windows']} x {e['seq_len']}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(rows[0]), sep] + [line(r) for r in rows[1:]])
+
+
+def write_results(results: dict, path: Path) -> None:
+    atomic_write_json(path, results)
+    timings = "\n".join(f"| {k} | {v:.1f} |" for k, v in results["timings"].items())
+    atomic_write_text(path.with_suffix(".md"), f"# llmc run: {results['config']['quant']['method']}\n\n"
+                      f"{summary_table(results['evals'])}\n\n| phase | seconds |\n|---|---|\n{timings}\n\n"
+                      f"Peak RSS: {results['peak_rss_mb']:.0f} MB\n")

@@ -1,0 +1,118 @@
+"""A whole run, top to bottom: config → model + adapter → evaluate → calibrate → quantize block by
+block → evaluate → save → summary."""
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from loguru import logger
+
+from llmc.config.checks import algorithm_options, check_against_model
+from llmc.config.schema import Config
+from llmc.data import batch_samples, load_calib_samples, load_eval_text
+from llmc.engine.context import RunContext
+from llmc.engine.pipeline import quantize_blocks
+from llmc.errors import ConfigError, UserError
+from llmc.evaluation.ppl import eval_windows, perplexity
+from llmc.export.save import save_fake_quant, save_transformed
+from llmc.models import adapter_class, load_hf_config, load_model, meta_model, pick_device, resolve_source
+from llmc.quant.fake_linear import quant_disabled
+from llmc.quant.quantizer import QuantArgs
+from llmc.report import peak_rss_mb, summary_table, write_results
+
+
+def output_dir(config: Config, config_path: Optional[str], overwrite: bool) -> Path:
+    if config.save.save_path:
+        out = Path(config.save.save_path)
+        if out.exists() and any(out.iterdir()) and not overwrite:
+            raise UserError(f"save.save_path: '{out}' exists and is not empty; pass --overwrite to replace "
+                            "what this run writes there, or choose another save_path")
+        return out
+    stem = Path(config_path).stem if config_path else "run"
+    return Path("llmc_runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def ignored_names(config: Config, adapter) -> set[str]:
+    ig = config.ignored_layers
+    if ig is None:
+        return set()
+    blocks, layers = ig.block_set(), set(ig.layer_names)
+    names = set(ig.special_names)
+    if blocks or layers:
+        for i in range(len(adapter.block_list())):
+            for name in adapter.linear_names():
+                if (not blocks or i in blocks) and (not layers or name in layers):
+                    names.add(f"{adapter.block_name(i)}.{name}")
+    return names
+
+
+def run(config: Config, device: Optional[str] = None, config_path: Optional[str] = None,
+        results_path: Optional[str] = None, overwrite: bool = False) -> dict:
+    random.seed(config.base.seed)
+    torch.manual_seed(config.base.seed)
+    ctx = RunContext.from_config(config, pick_device(device))
+    algo_cls, options = algorithm_options(config)
+    wargs, aargs = QuantArgs.from_cfg(config.quant.weight), QuantArgs.from_cfg(config.quant.act)
+    hf_config = load_hf_config(resolve_source(config.model.path, config.model.gguf_file))
+    adapter_cls = adapter_class(getattr(hf_config, "model_type", None), config.model.type)
+    check_against_model(config, adapter_cls(meta_model(hf_config)))
+    if config.quant.quant_lm_head and getattr(hf_config, "tie_word_embeddings", False):
+        raise ConfigError("quant.quant_lm_head", "lm_head is tied to the input embeddings in this model; "
+                          "quantizing it would quantize the embeddings too")
+    out = output_dir(config, config_path, overwrite)
+    logger.info(f"device {ctx.device}, output {out}")
+
+    with ctx.timed("load"):
+        model, tokenizer = load_model(config.model, ctx.device)
+    adapter = adapter_cls(model)
+    evals: list[dict] = []
+    windows_cache: dict = {}
+
+    def evaluate(pos: str) -> None:
+        for i, ev in enumerate(config.eval):
+            if pos not in ev.eval_pos:
+                continue
+            for name in ev.name:
+                key = (i, name)
+                if key not in windows_cache:
+                    windows_cache[key] = eval_windows(tokenizer, load_eval_text(name, ev.path, ev.download),
+                                                      ev.seq_len, ev.num_samples)
+                windows = windows_cache[key]
+                with ctx.timed(f"eval {pos} {name}"):
+                    ppl = perplexity(model, adapter, windows, ev.bs, ctx, ev.inference_per_block, f"{pos} {name}")
+                logger.info(f"{pos} {name}: PPL {ppl:.4f} ({windows.shape[0]} x {ev.seq_len})")
+                evals.append({"pos": pos, "dataset": name, "ppl": ppl, "windows": windows.shape[0],
+                              "seq_len": ev.seq_len})
+
+    evaluate("pretrain")
+    algorithm = algo_cls(wargs, aargs, options)
+    batches = None
+    if algo_cls.needs_calibration(wargs, aargs, options):
+        with ctx.timed("calibration data"):
+            batches = batch_samples(load_calib_samples(config.calib, tokenizer), config.calib.bs)
+    with ctx.timed("quantize"):
+        state = quantize_blocks(model, adapter, algorithm, batches, ignored_names(config, adapter), ctx,
+                                config.quant.quant_out)
+    with quant_disabled(model):
+        evaluate("transformed")
+    evaluate("fake_quant")
+    evaluate("fake_quant_wo_kv")
+
+    if config.save.save_trans:
+        with ctx.timed("save transformed"):
+            save_transformed(model, tokenizer, out / "transformed_model")
+    if config.save.save_fake:
+        with ctx.timed("save fake_quant"):
+            save_fake_quant(model, tokenizer, out / "fake_quant_model")
+
+    results = {"evals": evals, "timings": ctx.timings, "peak_rss_mb": peak_rss_mb(),
+               "config": config.model_dump(mode="json"), "state_keys": len(state)}
+    target = Path(results_path) if results_path else out / "results.json"
+    write_results(results, target)
+    table = summary_table(evals) if evals else "(no evaluation configured)"
+    logger.info(f"summary ({target}):\n{table}\npeak RSS {results['peak_rss_mb']:.0f} MB")
+    print(table)
+    return results

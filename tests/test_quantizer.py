@@ -1,0 +1,121 @@
+import pytest
+import torch
+
+from llmc.quant.fake_linear import ActQuantizer, QuantLinear
+from llmc.quant.quantizer import QuantArgs, calibrate, dequantize, fake_quant, grouped, quantize
+
+
+def test_symmetric_int4_exact_values():
+    args = QuantArgs(bit=4, symmetric=True, granularity="per_tensor")
+    x = torch.tensor([[-1.5, -0.75, 0.0, 0.3, 1.5]])
+    scale, zero = calibrate(grouped(x, args), args)
+    assert scale.item() == pytest.approx(1.5 / 7.5)  # absmax / ((qmax - qmin) / 2)
+    assert zero.item() == 0
+    q = quantize(grouped(x, args), scale, zero, args)
+    assert q.tolist() == [[-8.0, -4.0, 0.0, 2.0, 8.0 - 1]]  # 1.5 / 0.2 = 7.5 → rounds to 8, clamped to qmax 7
+    assert fake_quant(x, args)[0].tolist() == pytest.approx([-1.6, -0.8, 0.0, 0.4, 1.4])
+
+
+def test_asymmetric_int2_exact_values():
+    args = QuantArgs(bit=2, symmetric=False, granularity="per_tensor")
+    x = torch.tensor([[0.5, 1.0, 2.0, 3.0]])  # range widened to include 0: [0, 3], scale 1
+    scale, zero = calibrate(grouped(x, args), args)
+    assert scale.item() == pytest.approx(1.0) and zero.item() == -2  # qmin - min/scale
+    q = quantize(grouped(x, args), scale, zero, args)
+    assert q.tolist() == [[-2.0, -1.0, 0.0, 1.0]]  # round(0.5) = 0 (half to even)
+    assert dequantize(q, scale, zero).tolist() == [[0.0, 1.0, 2.0, 3.0]]
+
+
+@pytest.mark.parametrize("bit", range(1, 9))
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_codes_in_range_and_error_bounded(bit, symmetric):
+    torch.manual_seed(bit)
+    w = torch.randn(16, 64)
+    args = QuantArgs(bit=bit, symmetric=symmetric, granularity="per_group", group_size=16)
+    scale, zero = calibrate(grouped(w, args), args)
+    q = quantize(grouped(w, args), scale, zero, args)
+    assert q.min() >= -(2 ** (bit - 1)) and q.max() <= 2 ** (bit - 1) - 1
+    assert torch.equal(q, q.round())
+    err = (dequantize(q, scale, zero) - grouped(w, args)).abs()
+    # Round-to-nearest inside the range: at most half a step (the sym positive end can lose one step).
+    bound = scale * (1.0 if symmetric else 0.5) + 1e-6
+    assert bool((err <= bound).all())
+
+
+@pytest.mark.parametrize("granularity,shape,rows", [
+    ("per_tensor", (8, 32), 1), ("per_channel", (8, 32), 8), ("per_group", (8, 32), 32),
+    ("per_token", (2, 5, 32), 10), ("per_head", (2, 5, 32), 40),
+])
+def test_granularity_gives_one_range_per_row(granularity, shape, rows):
+    args = QuantArgs(bit=8, symmetric=True, granularity=granularity, group_size=8 if granularity == "per_group" else -1,
+                     head_num=4 if granularity == "per_head" else None)
+    x = torch.randn(shape)
+    xg = grouped(x, args)
+    assert xg.shape[0] == rows
+    scale, _ = calibrate(xg, args)
+    assert torch.allclose(scale.squeeze(1), xg.abs().amax(1) / 127.5)
+
+
+def test_per_group_groups_run_along_in_features():
+    args = QuantArgs(bit=8, symmetric=True, granularity="per_group", group_size=4)
+    w = torch.zeros(2, 8)
+    w[0, 4:] = 100.0  # only the second group of row 0 is large
+    w[0, :4] = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    out = fake_quant(w, args)
+    assert torch.allclose(out[0, :4], w[0, :4], atol=0.4 / 127.5)  # small group kept its fine grid
+
+
+def test_mse_never_worse_than_minmax():
+    torch.manual_seed(0)
+    w = torch.randn(64, 128)
+    w[::7, ::5] *= 8  # outliers make clipping worthwhile
+    for bit in (2, 3, 4):
+        mm = QuantArgs(bit=bit, symmetric=False, granularity="per_group", group_size=32)
+        mse = QuantArgs(bit=bit, symmetric=False, granularity="per_group", group_size=32, calib_algo="mse")
+        e_mm = (fake_quant(w, mm) - w).abs().pow(2.4).reshape(-1, 32).sum(1)
+        e_mse = (fake_quant(w, mse) - w).abs().pow(2.4).reshape(-1, 32).sum(1)
+        assert bool((e_mse <= e_mm + 1e-5).all())
+        assert e_mse.sum() < e_mm.sum() * 0.97
+
+
+def test_fp8_weights_lie_on_the_float8_grid():
+    args = QuantArgs(bit="e4m3", granularity="per_channel")
+    w = torch.randn(4, 16)
+    out = fake_quant(w, args)
+    assert torch.equal(fake_quant(out, args), out)  # already on the grid: idempotent
+    codes = (out / (w.abs().amax(1, keepdim=True) / 448.0))
+    assert torch.allclose(codes, codes.to(torch.float8_e4m3fn).float(), rtol=1e-5)
+    assert (out - w).abs().max() < w.abs().max() * 0.07
+
+
+def test_quant_linear_matches_primitives_and_toggles():
+    lin = torch.nn.Linear(32, 8)
+    args = QuantArgs(bit=3, symmetric=False, granularity="per_group", group_size=16)
+    q = QuantLinear(lin, args)
+    q.set_weight_qparams()
+    x = torch.randn(5, 32)
+    expected = torch.nn.functional.linear(x, fake_quant(lin.weight, args), lin.bias)
+    assert torch.allclose(q(x), expected)
+    q.quant_enabled = False
+    assert torch.allclose(q(x), lin(x))
+    assert set(q.state_dict()) == {"weight", "bias"}  # same keys as nn.Linear: checkpoints stay HF-shaped
+
+
+def test_static_act_quantizer_calibrates_once_then_reuses():
+    aq = ActQuantizer(QuantArgs(bit=8, symmetric=True, granularity="per_tensor", static=True))
+    aq.observing = True
+    aq(torch.tensor([[1.0, -2.0]]))
+    aq(torch.tensor([[4.0, 0.5]]))
+    aq.observing = False
+    xmin, xmax = aq.observed_range()
+    aq.set_static(xmin, xmax)
+    assert aq.scale.item() == pytest.approx(4.0 / 127.5)
+    out = aq(torch.tensor([[100.0, 1.0]]))  # beyond the calibrated range: clamped, not re-ranged
+    assert out[0, 0].item() == pytest.approx(127 * 4.0 / 127.5)
+
+
+def test_dynamic_per_token_uses_each_tokens_range():
+    aq = ActQuantizer(QuantArgs(bit=8, symmetric=True, granularity="per_token"))
+    x = torch.tensor([[1.0, 0.5], [100.0, 50.0]])
+    out = aq(x)
+    assert torch.allclose(out[0], x[0], atol=1 / 255) and torch.allclose(out[1], x[1], atol=100 / 255)

@@ -18,7 +18,7 @@ from tests.tiny import CORPUS, make_tokenizer
 
 SENTENCES = sorted(set(CORPUS))
 WIKI = " = Robert Boulter = \n \n Robert Boulter is an English film actor .\n\n = = Career = = \n \n"
-WIKI_ROWS = [" = Robert Boulter = \n", "", " Robert Boulter is an English film actor .\n", "", " = = Career = = \n", ""]
+WIKI_ROWS = [" = Robert Boulter = ", " ", " Robert Boulter is an English film actor .", "", " = = Career = = ", " "]
 
 
 def long_rows(n: int = 40) -> list[str]:
@@ -47,7 +47,7 @@ def cfg(**kw):
 # ---- sources -------------------------------------------------------------------------------------
 
 
-def test_wikitext_file_rows_follow_hf_rule(tmp_path):
+def test_wikitext_file_rows_are_lines_without_endings(tmp_path):
     (tmp_path / "wiki.test.raw").write_text(WIKI, encoding="utf-8")
     (tmp_path / "crlf.raw").write_bytes(WIKI.replace("\n", "\r\n").encode())
     rows = DATASETS.get("wikitext2")(str(tmp_path / "wiki.test.raw"), False, "eval")

@@ -94,8 +94,10 @@ def read_text(path: str, section: str) -> str:
 
 
 def wikitext_rows(text: str) -> list[str]:
-    """Rows as HF's wikitext builder yields them: each line with its "\\n"; whitespace-only lines become ""."""
-    return [line if line.strip() else "" for line in text.splitlines(keepends=True)]
+    """Rows of a local wikitext file as `datasets.load_dataset("text", data_files=path)` yields them: one per
+    line, line endings (LF or CRLF) dropped. Joined by "\\n\\n" this is the text the published SmolLM2
+    baselines here were measured on (FP 20.81 on the first 40 x 2048 windows of wiki.test.raw)."""
+    return text.splitlines()
 
 
 def _record_text(rec: Any, pairs: bool, where: str, section: str) -> str:

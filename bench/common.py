@@ -1,0 +1,57 @@
+"""Shared bench machinery: run llmc configs as subprocesses under /usr/bin/time -v, collect PPL,
+timings and peak RSS, keep finished rows in a JSON file (so a long matrix resumes across sessions),
+and render a markdown table."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+DATA = os.environ.get("LLMC_DATA", str(ROOT.parent / "shared" / "data"))
+
+
+def run_llmc(config: str, overrides: list[str]) -> dict:
+    """One llmc run; returns its results.json plus the wall time and peak RSS of the whole process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        results = Path(tmp) / "results.json"
+        cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "llmc", "--config", config, "--results", str(results),
+               "--set", f"save.save_path={tmp}/save", "--overwrite"]
+        for o in overrides:
+            cmd += ["--set", o]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "LLMC_DATA": DATA})
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+        out = json.loads(results.read_text())
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", proc.stderr).group(1)
+    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
+    out["process_wall_s"] = _seconds(wall)
+    out["process_peak_rss_mb"] = rss_kb / 1024
+    return out
+
+
+def _seconds(text: str) -> float:
+    parts = [float(p) for p in text.split(":")]
+    return sum(p * 60 ** i for i, p in enumerate(reversed(parts)))
+
+
+def load_rows(name: str) -> dict:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def save_rows(name: str, rows: dict, table: str) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (RESULTS / f"{name}.md").write_text(table + "\n")
+
+
+def markdown(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)

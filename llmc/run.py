@@ -18,6 +18,7 @@ from llmc.engine.pipeline import quantize_blocks
 from llmc.errors import ConfigError, UserError
 from llmc.evaluation.ppl import eval_windows, perplexity
 from llmc.export.save import save_fake_quant, save_transformed
+from llmc.export.state import architecture_fingerprint, save_state
 from llmc.models import adapter_class, load_hf_config, load_model, meta_model, pick_device, resolve_source
 from llmc.quant.fake_linear import quant_disabled
 from llmc.quant.quantizer import QuantArgs
@@ -101,6 +102,11 @@ def run(config: Config, device: Optional[str] = None, config_path: Optional[str]
     evaluate("fake_quant")
     evaluate("fake_quant_wo_kv")
 
+    for kind, path in options.outputs().items():
+        header = {"method": algo_cls.name, "weight": config.quant.weight.model_dump() if config.quant.weight else None,
+                  "fingerprint": architecture_fingerprint(model), "folded": True}
+        target = save_state(path, kind, state.get(kind, {}), header)
+        logger.info(f"saved {len(state.get(kind, {}))} {kind} to {target}")
     if config.save.save_trans:
         with ctx.timed("save transformed"):
             save_transformed(model, tokenizer, out / "transformed_model")
@@ -109,7 +115,7 @@ def run(config: Config, device: Optional[str] = None, config_path: Optional[str]
             save_fake_quant(model, tokenizer, out / "fake_quant_model")
 
     results = {"evals": evals, "timings": ctx.timings, "peak_rss_mb": peak_rss_mb(),
-               "config": config.model_dump(mode="json"), "state_keys": len(state)}
+               "config": config.model_dump(mode="json"), "state": {k: len(v) for k, v in state.items()}}
     target = Path(results_path) if results_path else out / "results.json"
     write_results(results, target)
     table = summary_table(evals) if evals else "(no evaluation configured)"

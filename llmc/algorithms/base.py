@@ -21,6 +21,10 @@ class Options(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    def outputs(self) -> dict[str, str]:
+        """State kinds the user asked to save (e.g. {"scales": path}); the engine writes them."""
+        return {}
+
 
 class Algorithm:
     name: ClassVar[str]

@@ -13,6 +13,10 @@ from llmc.engine.capture import BlockInputs
 from llmc.models.adapter import Subset, get_module
 
 
+class _Enough(Exception):
+    """Raised by a collection hook to end a block forward early; caught only in BlockJob.collect."""
+
+
 def block_output(out) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -26,6 +30,8 @@ class BlockJob:
     inputs: Optional[BlockInputs]  # None for data-free runs
     ignored: set[str]              # full names of linears that stay float
     ctx: object
+    head_dim: Optional[int] = None           # attention head size (to share scales across GQA query heads)
+    score_layers: tuple[str, ...] = ()       # linears whose outputs form attention scores
 
     # ---- structure -------------------------------------------------------------------------------
     def full_name(self, name: str) -> str:
@@ -75,6 +81,31 @@ class BlockJob:
         finally:
             for h in handles:
                 h.remove()
+
+    def collect(self, names: list[str], fn: Callable[[str, torch.Tensor], None]) -> None:
+        """Call fn(name, input) for the named submodules over every calibration batch, cutting each block
+        forward short once all of them have fired (what follows them is not needed)."""
+        seen: set[str] = set()
+
+        def pre_hook(name: str, x: torch.Tensor) -> None:
+            fn(name, x.detach())
+            seen.add(name)
+            if len(seen) == len(names):
+                raise _Enough
+
+        handles = [self.module(n).register_forward_pre_hook(lambda m, inp, n=n: pre_hook(n, inp[0])) for n in names]
+        try:
+            with torch.no_grad(), self.ctx.autocast():
+                for b, h in enumerate(self.inputs.hidden):
+                    seen.clear()
+                    args, kwargs = self.inputs.call(self.index, b)
+                    try:
+                        self.block(h.to(self.ctx.device), *args, **kwargs)
+                    except _Enough:
+                        pass
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def capture(self, names: list[str]) -> dict[str, list[torch.Tensor]]:
         """Inputs of the named submodules for every calibration batch, from one block forward."""

@@ -21,9 +21,11 @@ def quantize_blocks(model, adapter, algorithm, batches: Optional[list[torch.Tens
     blocks = adapter.block_list()
     for i in tqdm(range(len(blocks)), desc=f"{algorithm.name} blocks", unit="block"):
         block = ctx.onload(blocks[i])
-        job = BlockJob(i, adapter.block_name(i), block, adapter.subsets, inputs, ignored, ctx)
+        job = BlockJob(i, adapter.block_name(i), block, adapter.subsets, inputs, ignored, ctx, adapter.head_dim(),
+                       adapter.score_layers)
         targets = job.forward() if inputs is not None and (algorithm.needs_targets or not quant_out) else None
-        state.update(algorithm.apply(job, targets) or {})
+        for kind, entries in (algorithm.apply(job, targets) or {}).items():
+            state.setdefault(kind, {}).update(entries)
         if inputs is not None:
             inputs.hidden = job.forward() if quant_out else targets
         blocks[i] = ctx.offload(block)

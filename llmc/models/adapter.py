@@ -38,6 +38,8 @@ class Adapter:
     final: ClassVar[list[str]]            # final norm (and projections) applied after the last block
     lm_head: ClassVar[str] = "lm_head"
     subsets: ClassVar[list[Subset]]
+    # Linears whose outputs are multiplied into attention scores: weight clipping skips them (as AutoAWQ).
+    score_layers: ClassVar[tuple[str, ...]] = ("self_attn.q_proj", "self_attn.k_proj")
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -47,6 +49,11 @@ class Adapter:
 
     def block_name(self, index: int) -> str:
         return f"{self.blocks}.{index}"
+
+    def head_dim(self) -> Optional[int]:
+        cfg = self.model.config
+        heads = getattr(cfg, "num_attention_heads", None)
+        return getattr(cfg, "head_dim", None) or (cfg.hidden_size // heads if heads else None)
 
     def linear_names(self) -> list[str]:
         return [name for subset in self.subsets for name in subset.layers]

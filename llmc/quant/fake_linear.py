@@ -71,22 +71,39 @@ class QuantLinear(nn.Module):
         self.act_quant = ActQuantizer(aargs) if aargs is not None else None
         self.register_buffer("w_scale", None, persistent=False)
         self.register_buffer("w_zero", None, persistent=False)
+        self.register_buffer("w_gidx", None, persistent=False)  # group of each input column (GPTQ act order)
         self.quant_enabled = True
         self._cache_key = None
         self._cache: Optional[torch.Tensor] = None
 
-    def set_weight_qparams(self, scale: Optional[torch.Tensor] = None, zero: Optional[torch.Tensor] = None) -> None:
-        """Fix the grid; calibrated from the current weight with the configured algorithm when not given."""
+    def set_weight_qparams(self, scale: Optional[torch.Tensor] = None, zero: Optional[torch.Tensor] = None,
+                           g_idx: Optional[torch.Tensor] = None) -> None:
+        """Fix the grid; calibrated from the current weight with the configured algorithm when not given.
+        scale/zero are one per row of grouped(weight); with g_idx, [out, groups] and column j uses group g_idx[j]."""
         if self.wargs is None:
             return
         if scale is None:
             scale, zero = calibrate(grouped(self.weight.detach(), self.wargs), self.wargs)
         self.w_scale, self.w_zero = scale.detach(), zero.detach()
+        self.w_gidx = g_idx
         self._cache = None
 
     def int_weight(self) -> torch.Tensor:
-        """Integer codes of the weight, shaped like grouped(weight)."""
-        return quantize(grouped(self.weight.detach().float(), self.wargs), self.w_scale, self.w_zero, self.wargs)
+        """Integer codes of the weight, shaped like grouped(weight) (like the weight when g_idx is set)."""
+        w = self.weight.detach().float()
+        if self.w_gidx is not None:
+            out = self.out_features
+            scale = self.w_scale.view(out, -1)[:, self.w_gidx]
+            zero = self.w_zero.view(out, -1)[:, self.w_gidx]
+            return quantize(w, scale, zero, self.wargs)
+        return quantize(grouped(w, self.wargs), self.w_scale, self.w_zero, self.wargs)
+
+    def dequantized(self) -> torch.Tensor:
+        q = self.int_weight()
+        if self.w_gidx is not None:
+            out = self.out_features
+            return dequantize(q, self.w_scale.view(out, -1)[:, self.w_gidx], self.w_zero.view(out, -1)[:, self.w_gidx])
+        return dequantize(q, self.w_scale, self.w_zero).reshape(self.weight.shape)
 
     def fake_weight(self) -> torch.Tensor:
         if self.wargs is None:
@@ -95,8 +112,7 @@ class QuantLinear(nn.Module):
             self.set_weight_qparams()
         key = (self.weight.data_ptr(), self.weight._version, self.w_scale.data_ptr())
         if self._cache is None or self._cache_key != key or self.weight.requires_grad:
-            fq = dequantize(self.int_weight(), self.w_scale, self.w_zero)
-            self._cache = fq.reshape(self.weight.shape).to(self.weight.dtype)
+            self._cache = self.dequantized().to(self.weight.dtype)
             self._cache_key = key
         return self._cache
 

@@ -1,0 +1,245 @@
+"""AWQ (Lin et al., 2023): per-channel scales s that protect salient input channels, searched per subset
+on a grid of ratios (s = x̄^r, or x̄^r / w̄^(1-r) for LLMC's v1) against the output error of the subset's
+`inspect` module with quantized weights, then folded into `prev_op` so the float model is unchanged;
+then an output-error search for per-group weight clipping (AutoAWQ's clip search).
+
+As in AutoAWQ, all subset inputs are captured once from the float block; a fold divides the cached input
+of its own subset by s, and losses are summed over every calibration batch before ratios are compared.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from loguru import logger
+from torch import nn
+
+from llmc.algorithms.base import Algorithm, Options
+from llmc.quant.quantizer import QuantArgs, calibrate, dequantize, fake_quant, quantize
+from llmc.registry import ALGORITHMS
+
+
+class AwqOptions(Options):
+    trans: bool = True
+    trans_version: str = "v2"
+    weight_clip: bool = True
+    clip_sym: Optional[bool] = None        # default: the weight quantizer's symmetry
+    n_grid: int = 20
+    clip_grid: int = 20
+    max_shrink: float = 0.5
+    clip_tokens: int = 512
+    save_scale: bool = False
+    scale_path: Optional[str] = None
+    save_clip: bool = False
+    clip_path: Optional[str] = None
+    awq_bs: Optional[int] = None           # LLMC key: batches are already split by calib.bs
+    save_mem: bool = True                  # LLMC key, accepted
+
+    def outputs(self) -> dict[str, Optional[str]]:
+        out = {}
+        if self.save_scale:
+            out["scales"] = self.scale_path
+        if self.save_clip:
+            out["clips"] = self.clip_path
+        return out
+
+
+def _scale_columns(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return w * s.view(1, -1)
+
+
+@ALGORITHMS.register("Awq", "AWQ")
+class Awq(Algorithm):
+    name = "AWQ"
+    Options = AwqOptions
+
+    @classmethod
+    def needs_calibration(cls, wargs, aargs, options) -> bool:
+        return True
+
+    @classmethod
+    def check(cls, config) -> None:
+        from llmc.errors import ConfigError
+
+        opts = AwqOptions.model_validate(config.quant.special)
+        if opts.trans_version not in ("v1", "v2"):
+            raise ConfigError("quant.special.trans_version", f"'{opts.trans_version}': expected v1 or v2")
+        for kind, path in opts.outputs().items():
+            if not path:
+                raise ConfigError(f"quant.special.{kind[:-1]}_path", f"save_{kind[:-1]}: True needs a path")
+        if config.quant.weight is None:
+            raise ConfigError("quant.weight", "AWQ searches weight scales: a weight section is required")
+
+    # ---- the block transform ----------------------------------------------------------------------
+    def apply(self, job, targets):
+        opts: AwqOptions = self.options
+        feats = {n: xs for n, xs in job.capture(sorted({s.input for s in job.subsets})).items()}
+        scales: dict[str, torch.Tensor] = {}
+        if opts.trans:
+            for subset in job.subsets:
+                layers = job.quantized_layers(subset)
+                if not layers:
+                    continue
+                fold = self._fold_plan(job, subset, layers)
+                if fold is None:
+                    continue
+                s = self._search_scale(job, subset, layers, feats[subset.input], fold)
+                full = fold(s)
+                feats[subset.input] = [x / full.to(x.dtype) for x in feats[subset.input]]
+                for name in layers:
+                    scales[job.full_name(name)] = full.detach().cpu()
+        clips = {}
+        if opts.weight_clip:
+            for subset in job.subsets:
+                for name in job.quantized_layers(subset):
+                    if name in job.score_layers:
+                        continue
+                    clips[job.full_name(name)] = self._clip(job.module(name), feats[subset.input])
+        qlinears = self.install_all(job)
+        for q in qlinears.values():
+            q.set_weight_qparams()
+        self.calibrate_static_acts(job, qlinears)
+        state = {}
+        if scales:
+            state["scales"] = scales
+        if clips:
+            state["clips"] = {f"{k}.{side}": v[i] for k, v in clips.items() for i, side in enumerate(("min", "max"))}
+        return state
+
+    # ---- scale search -----------------------------------------------------------------------------
+    def _fold_plan(self, job, subset, layers):
+        """A function that folds a scale into prev_op and the layers (returning the per-input-channel
+        scale), or None when prev_op cannot absorb one."""
+        prev = job.module(subset.prev_op) if subset.prev_op else None
+        channels = job.module(layers[0]).in_features
+        linears = [job.module(n) for n in layers]
+        if isinstance(prev, nn.Module) and hasattr(prev, "out_features"):
+            rows = prev.out_features
+            if rows == channels:
+                expand = lambda s: s  # noqa: E731
+            elif job.head_dim and channels % rows == 0 and rows % job.head_dim == 0:
+                rep, kv, hd = channels // rows, rows // job.head_dim, job.head_dim
+                expand = lambda s: s.view(kv, 1, hd).expand(kv, rep, hd).reshape(-1)  # noqa: E731
+            else:
+                logger.info(f"AWQ: {job.full_name(layers[0])}: {subset.prev_op} ({rows} outputs) cannot absorb "
+                            f"a scale over {channels} inputs; subset skipped")
+                return None
+
+            def fold_linear(s: torch.Tensor) -> torch.Tensor:
+                full = expand(s)
+                prev.weight.data.div_(s.view(-1, 1).to(prev.weight.dtype))
+                if prev.bias is not None:
+                    prev.bias.data.div_(s.to(prev.bias.dtype))
+                for lin in linears:
+                    lin.weight.data.copy_(_scale_columns(lin.weight.data, full.to(lin.weight.dtype)))
+                return full
+
+            fold_linear.reduced = rows if rows != channels else None
+            fold_linear.expand = expand
+            return fold_linear
+        weight = getattr(prev, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() == 1 and weight.numel() == channels:
+            def fold_norm(s: torch.Tensor) -> torch.Tensor:
+                prev.weight.data.div_(s.to(prev.weight.dtype))
+                if getattr(prev, "bias", None) is not None:
+                    prev.bias.data.div_(s.to(prev.bias.dtype))
+                for lin in linears:
+                    lin.weight.data.copy_(_scale_columns(lin.weight.data, s.to(lin.weight.dtype)))
+                return s
+
+            fold_norm.reduced, fold_norm.expand = None, (lambda s: s)
+            return fold_norm
+        logger.info(f"AWQ: {job.full_name(layers[0])}: prev_op {subset.prev_op!r} cannot absorb a scale; skipped")
+        return None
+
+    def _search_scale(self, job, subset, layers, xs: list[torch.Tensor], fold) -> torch.Tensor:
+        opts: AwqOptions = self.options
+        ctx = job.ctx
+        x_sum = sum(x.abs().reshape(-1, x.shape[-1]).float().sum(0) for x in xs)
+        tokens = sum(x.numel() // x.shape[-1] for x in xs)
+        x_mean = ctx.reduce(x_sum) / ctx.reduce(torch.tensor(float(tokens), device=x_sum.device))
+        if fold.reduced:  # GQA: one scale per key/value channel, shared by the query heads that read it
+            kv = fold.reduced // job.head_dim
+            x_mean = x_mean.view(kv, -1, job.head_dim).mean(1).reshape(-1)
+        linears = [job.module(n) for n in layers]
+        originals = [lin.weight.data.clone() for lin in linears]
+        w_mean = None
+        if opts.trans_version == "v1":
+            w_mean = sum(self._weight_mean(w) for w in originals) / len(originals)
+            if fold.reduced:
+                w_mean = w_mean.view(fold.reduced // job.head_dim, -1, job.head_dim).mean(1).reshape(-1)
+        with torch.no_grad(), ctx.autocast():
+            float_out = [job.run_module(subset.inspect, x.to(ctx.device), b, subset.has_kwargs) for b, x in enumerate(xs)]
+        best, best_loss = None, float("inf")
+        losses = []
+        for r in range(opts.n_grid):
+            ratio = r / opts.n_grid
+            s = x_mean.pow(ratio) if w_mean is None else x_mean.pow(ratio) / w_mean.pow(1 - ratio)
+            s = s.clamp(min=1e-4)
+            s = s / (s.max() * s.min()).sqrt()
+            full = fold.expand(s)
+            for lin, w in zip(linears, originals):
+                lin.weight.data.copy_(fake_quant(_scale_columns(w, full.to(w.dtype)), self.wargs) / full.view(1, -1))
+            loss = torch.zeros((), device=x_mean.device)
+            count = 0
+            with torch.no_grad(), ctx.autocast():
+                for b, x in enumerate(xs):
+                    out = job.run_module(subset.inspect, x.to(ctx.device), b, subset.has_kwargs)
+                    loss += (out.float() - float_out[b].float()).pow(2).sum()
+                    count += out.numel()
+            loss = (ctx.reduce(loss) / ctx.reduce(torch.tensor(float(count), device=loss.device))).item()
+            losses.append(loss)
+            if loss < best_loss:
+                best, best_loss = s.clone(), loss
+        for lin, w in zip(linears, originals):
+            lin.weight.data.copy_(w)
+        logger.debug(f"AWQ {job.full_name(layers[0])}: best ratio {losses.index(best_loss) / opts.n_grid:.2f}")
+        return best
+
+    def _weight_mean(self, w: torch.Tensor) -> torch.Tensor:
+        groups = w.abs().reshape(-1, self.wargs.group_size if self.wargs.granularity == "per_group" else w.shape[1])
+        return (groups / groups.amax(dim=1, keepdim=True).clamp(min=1e-8)).reshape(w.shape).float().mean(0)
+
+    # ---- clip search ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _clip(self, linear, xs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-group [min, max] minimising the group-wise output error on sampled tokens; applied to the weight."""
+        opts: AwqOptions = self.options
+        args: QuantArgs = self.wargs
+        sym = args.symmetric if opts.clip_sym is None else opts.clip_sym
+        w = linear.weight.data.float()
+        co, ci = w.shape
+        gs = args.group_size if args.granularity == "per_group" else ci
+        x = torch.cat([t.reshape(-1, ci) for t in xs]).float()
+        x = x[:: max(1, x.shape[0] // opts.clip_tokens)][: opts.clip_tokens]
+        x = x.view(1, x.shape[0], ci // gs, gs)
+        lo_all, hi_all = [], []
+        step = 256 if co % 256 == 0 else 64
+        for o in range(0, co, step):
+            wb = w[o:o + step].view(-1, 1, ci // gs, gs)
+            org_out = (x * wb).sum(-1)
+            org_max = wb.amax(-1, keepdim=True)
+            org_min = wb.amin(-1, keepdim=True)
+            if sym:
+                org_max = torch.maximum(org_max.abs(), org_min.abs())
+                org_min = -org_max
+            best_lo, best_hi = org_min.clone(), org_max.clone()
+            best_err = torch.full_like(org_max, float("inf"))
+            for i in range(int(opts.max_shrink * opts.clip_grid)):
+                hi = org_max * (1 - i / opts.clip_grid)
+                lo = org_min * (1 - i / opts.clip_grid)
+                cur = torch.clamp(wb, lo, hi)
+                flat = cur.reshape(-1, gs)
+                scale, zero = calibrate(flat, args)
+                q = dequantize(quantize(flat, scale, zero, args), scale, zero).view_as(cur)
+                err = ((x * q).sum(-1) - org_out).pow(2).mean(dim=1).view(best_err.shape)
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                best_hi = torch.where(better, hi, best_hi)
+                best_lo = torch.where(better, lo, best_lo)
+            lo_all.append(best_lo.reshape(-1, ci // gs))
+            hi_all.append(best_hi.reshape(-1, ci // gs))
+        lo, hi = torch.cat(lo_all), torch.cat(hi_all)
+        clipped = torch.clamp(w.view(co, ci // gs, gs), lo.unsqueeze(-1), hi.unsqueeze(-1)).view(co, ci)
+        linear.weight.data.copy_(clipped.to(linear.weight.dtype))
+        return lo.cpu(), hi.cpu()

@@ -1,0 +1,164 @@
+"""GPTQ (Frantar et al., 2022): quantize a linear column by column, spreading each column's rounding
+error over the columns not yet quantized through the inverse Hessian of its inputs, H = 2/n Σ x xᵀ.
+
+Faithful to IST-DASLab/gptq: lazy batch updates in blocks of `blocksize`, group parameters found on the
+already-updated weights when a group starts, `actorder` (desc_act) with optional `static_groups`, and
+`percdamp` dampening (raised and retried, with a log line, when the Cholesky factorisation fails).
+Hessians and updates are float32 whatever the model dtype; the Hessian is kept as a sum plus a sample
+count so it can be added up across processes.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from loguru import logger
+
+from llmc.algorithms.base import Algorithm, Options
+from llmc.quant.quantizer import QuantArgs, calibrate, dequantize, quantize
+from llmc.registry import ALGORITHMS
+
+
+class GPTQOptions(Options):
+    actorder: bool = False
+    static_groups: bool = False
+    percdamp: float = 0.01
+    blocksize: int = 128
+    true_sequential: bool = True
+    # LLMC keys accepted for compatibility
+    owq: bool = False
+    chunk_num: int = 1
+
+
+def inverse_hessian_factor(H: torch.Tensor, percdamp: float, where: str = "") -> torch.Tensor:
+    """Upper Cholesky factor of H⁻¹ after dampening; the dampening grows tenfold until it factorises."""
+    diag = torch.arange(H.shape[0], device=H.device)
+    mean = torch.mean(torch.diag(H))
+    for attempt in range(6):
+        damped = H.clone()
+        damped[diag, diag] += percdamp * mean
+        L, info = torch.linalg.cholesky_ex(damped)
+        if info == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if info == 0:
+                return U
+        logger.warning(f"GPTQ {where}: Cholesky failed with percdamp {percdamp:g}; retrying with {percdamp * 10:g}")
+        percdamp *= 10
+    raise RuntimeError(f"GPTQ {where}: Hessian not positive definite even with percdamp {percdamp:g}")
+
+
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, args: QuantArgs, opts: GPTQOptions, where: str = ""
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Returns (Q, scale, zero, g_idx): Q the dequantized weight; scale/zero one per row of grouped(W)
+    (or [out, groups] with g_idx, when act order permutes the groups)."""
+    W = W.float().clone()
+    H = H.float().clone()
+    rows, cols = W.shape
+    gs = args.group_size if args.granularity == "per_group" else cols
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    static = None
+    if args.granularity != "per_group":
+        whole = W if args.granularity == "per_channel" else W.reshape(1, -1)
+        scale, zero = calibrate(whole, args)
+        static = [(scale.expand(rows, 1) if scale.shape[0] == 1 else scale,
+                   zero.expand(rows, 1) if zero.shape[0] == 1 else zero)]
+    elif opts.static_groups:
+        static = [calibrate(W[:, g:g + gs], args) for g in range(0, cols, gs)]
+
+    perm = None
+    if opts.actorder:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    Hinv = inverse_hessian_factor(H, opts.percdamp, where)
+
+    Q = torch.zeros_like(W)
+    found: list[tuple[torch.Tensor, torch.Tensor]] = []
+    current = None
+    for i1 in range(0, cols, opts.blocksize):
+        i2 = min(i1 + opts.blocksize, cols)
+        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        Err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            col = i1 + i
+            if static is not None:
+                original = perm[col].item() if perm is not None else col
+                current = static[0] if args.granularity != "per_group" else static[original // gs]
+            elif col % gs == 0:
+                # As the reference: the group's range comes from W, which holds the updates of earlier blocks.
+                current = calibrate(W[:, col:col + gs], args)
+                found.append(current)
+            w = W1[:, i:i + 1]
+            q = dequantize(quantize(w, current[0], current[1], args), current[0], current[1])
+            Q[:, col] = q[:, 0]
+            err = (w - q)[:, 0] / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i:i + 1, i:]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    g_idx = None
+    if perm is not None:
+        inv = torch.argsort(perm)
+        Q = Q[:, inv]
+        if static is None:  # groups were formed in permuted order: column j belongs to group inv[j] // gs
+            g_idx = torch.div(inv, gs, rounding_mode="floor")
+    groups = static if static is not None and args.granularity == "per_group" else found or static
+    scale = torch.cat([g[0] for g in groups], dim=1)
+    zero = torch.cat([g[1] for g in groups], dim=1)
+    if g_idx is None:
+        scale, zero = scale.reshape(-1, 1), zero.reshape(-1, 1)
+        if args.granularity == "per_tensor":
+            scale, zero = scale[:1], zero[:1]
+    return Q, scale, zero, g_idx
+
+
+@ALGORITHMS.register("GPTQ")
+class GPTQ(Algorithm):
+    name = "GPTQ"
+    Options = GPTQOptions
+
+    @classmethod
+    def needs_calibration(cls, wargs, aargs, options) -> bool:
+        return True
+
+    def hessians(self, job, inputs: list[str]) -> dict[str, torch.Tensor]:
+        sums: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {}
+
+        def add(name: str, x: torch.Tensor) -> None:
+            x = x.reshape(-1, x.shape[-1]).float()
+            if name not in sums:
+                sums[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+                counts[name] = 0
+            sums[name].addmm_(x.T, x)
+            counts[name] += x.shape[0]
+
+        job.collect(inputs, add)
+        out = {}
+        for name, total in sums.items():
+            n = job.ctx.reduce(torch.tensor(float(counts[name]), device=total.device))
+            out[name] = job.ctx.reduce(total).mul_(2 / n)
+        return out
+
+    def apply(self, job, targets):
+        opts: GPTQOptions = self.options
+        stages = [[s] for s in job.subsets] if opts.true_sequential else [list(job.subsets)]
+        installed = {}
+        for stage in stages:
+            stage = [s for s in stage if job.quantized_layers(s)]
+            if not stage:
+                continue
+            H = self.hessians(job, [s.input for s in stage])
+            for subset in stage:
+                for name in job.quantized_layers(subset):
+                    q = self.install(job, name)
+                    Q, scale, zero, g_idx = gptq_quantize(q.weight.data, H[subset.input], self.wargs, opts,
+                                                          job.full_name(name))
+                    q.weight.data.copy_(Q.to(q.weight.dtype))
+                    q.set_weight_qparams(scale, zero, g_idx)
+                    installed[name] = q
+        self.calibrate_static_acts(job, installed)
+        return {}

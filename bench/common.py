@@ -55,3 +55,35 @@ def markdown(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def render(rows: dict, title: str, fp_label: str = "FP") -> str:
+    fp = next((r["ppl"] for label, r in rows.items() if label.startswith(fp_label)), None)
+    body = []
+    for label, r in rows.items():
+        delta = f"{100 * (r['ppl'] / fp - 1):+.2f}%" if fp and not label.startswith(fp_label) else ""
+        body.append([label, f"{r['ppl']:.3f}", delta, f"{r.get('quantize_s', 0):.1f}",
+                     f"{r.get('wall_s', r.get('seconds', 0)):.0f}", f"{r.get('peak_rss_mb', 0):.0f}"])
+    return f"{title}\n\n" + markdown(["run", "PPL", "vs FP", "quantize s", "process wall s", "peak RSS MB"], body)
+
+
+def run_table(name: str, title: str, rows_spec: dict, common: list[str], redo: bool = False,
+              only: list[str] | None = None) -> dict:
+    """Run every row not yet in bench/results/NAME.json (all with redo; a subset with only), saving after each."""
+    rows = load_rows(name)
+    for label, (config, overrides) in rows_spec.items():
+        if only and not any(o in label for o in only):
+            continue
+        if label in rows and not redo:
+            continue
+        print(f"running {label} ...", flush=True)
+        res = run_llmc(config, common + overrides)
+        rows[label] = {"ppl": res["evals"][0]["ppl"], "quantize_s": res["timings"].get("quantize", 0.0),
+                       "wall_s": res["process_wall_s"], "peak_rss_mb": res["process_peak_rss_mb"],
+                       "overrides": overrides}
+        ordered = {k: rows[k] for k in rows_spec if k in rows}
+        ordered.update({k: v for k, v in rows.items() if k not in ordered})
+        rows = ordered
+        save_rows(name, rows, render(rows, title))
+    print(render(rows, title))
+    return rows

@@ -60,9 +60,6 @@ def run(config: Config, device: Optional[str] = None, config_path: Optional[str]
     hf_config = load_hf_config(resolve_source(config.model.path, config.model.gguf_file))
     adapter_cls = adapter_class(getattr(hf_config, "model_type", None), config.model.type)
     check_against_model(config, adapter_cls(meta_model(hf_config)))
-    if config.quant.quant_lm_head and getattr(hf_config, "tie_word_embeddings", False):
-        raise ConfigError("quant.quant_lm_head", "lm_head is tied to the input embeddings in this model; "
-                          "quantizing it would quantize the embeddings too")
     out = output_dir(config, config_path, overwrite)
     logger.info(f"device {ctx.device}, output {out}")
 

@@ -112,8 +112,6 @@ class QuantCfg(Section):
     kvcache: Optional[dict[str, Any]] = None
     special: dict[str, Any] = {}
     quant_out: bool = False
-    # Quantize lm_head too (off by default; with tied embeddings it would change the embeddings too).
-    quant_lm_head: bool = False
 
     @field_validator("special", mode="before")
     @classmethod

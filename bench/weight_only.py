@@ -1,0 +1,42 @@
+"""Weight-only methods on SmolLM2-135M (issue: AWQ and GPTQ): asymmetric g64, calibration 128 x 512 tokens
+of wiki.valid.tokens (wikitext2_gptq windows), PPL on the first 40 x 2048 windows of wiki.test.raw.
+
+    python bench/weight_only.py [--redo] [--only LABEL ...]   # writes bench/results/weight_only_smollm2.{json,md}
+"""
+from __future__ import annotations
+
+import argparse
+
+from common import run_table
+
+NAME = "weight_only_smollm2"
+TITLE = ("SmolLM2-135M-Instruct, weight-only asym g64, calib 128 x 512 wiki.valid.tokens, PPL on wiki.test.raw "
+         "first 40 x 2048, CPU (2 cores), llmc `bench/weight_only.py`")
+RTN = "configs/quantization/methods/RTN/rtn_w_only.yml"
+GPTQ = "configs/quantization/methods/GPTQ/gptq_w_only.yml"
+AWQ = "configs/quantization/methods/Awq/awq_w_only.yml"
+EVAL = ["eval.num_samples=40", "eval.seq_len=2048", "eval.eval_pos=[fake_quant]"]
+ROWS = {
+    "RTN W4": (RTN, []),
+    "GPTQ W4": (GPTQ, []),
+    "AWQ W4": (AWQ, []),
+    "AWQ W4 (64 samples)": (AWQ, ["calib.n_samples=64"]),
+    "RTN W3": (RTN, ["quant.weight.bit=3"]),
+    "GPTQ W3": (GPTQ, ["quant.weight.bit=3"]),
+    "AWQ W3": (AWQ, ["quant.weight.bit=3"]),
+    "RTN W2": (RTN, ["quant.weight.bit=2"]),
+    "GPTQ W2": (GPTQ, ["quant.weight.bit=2"]),
+    "AWQ W2": (AWQ, ["quant.weight.bit=2"]),
+}
+
+
+if __name__ == "__main__":
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--redo", action="store_true")
+    parser.add_argument("--only", nargs="*")
+    a = parser.parse_args()
+    run_table(NAME, TITLE, ROWS, EVAL, a.redo, a.only)

@@ -53,9 +53,7 @@ class Awq(Algorithm):
     name = "AWQ"
     Options = AwqOptions
 
-    @classmethod
-    def needs_calibration(cls, wargs, aargs, options) -> bool:
-        return True
+    data_driven = True
 
     @classmethod
     def check(cls, config) -> None:

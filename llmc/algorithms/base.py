@@ -30,13 +30,14 @@ class Algorithm:
     name: ClassVar[str]
     Options: ClassVar[type[Options]] = Options
     needs_targets: ClassVar[bool] = False   # wants the float block's outputs on the calibration data
+    data_driven: ClassVar[bool] = False     # always needs calibration data (GPTQ, AWQ), not only for static acts
 
     def __init__(self, wargs: Optional[QuantArgs], aargs: Optional[QuantArgs], options: Options):
         self.wargs, self.aargs, self.options = wargs, aargs, options
 
     @classmethod
     def needs_calibration(cls, wargs: Optional[QuantArgs], aargs: Optional[QuantArgs], options: Options) -> bool:
-        return bool(aargs and aargs.static)
+        return cls.data_driven or bool(aargs and aargs.static)
 
     @classmethod
     def check(cls, config) -> None:

@@ -120,9 +120,7 @@ class GPTQ(Algorithm):
     name = "GPTQ"
     Options = GPTQOptions
 
-    @classmethod
-    def needs_calibration(cls, wargs, aargs, options) -> bool:
-        return True
+    data_driven = True
 
     def hessians(self, job, inputs: list[str]) -> dict[str, torch.Tensor]:
         sums: dict[str, torch.Tensor] = {}

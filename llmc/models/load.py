@@ -92,7 +92,7 @@ def resolve_dtype(requested: str, hf_config, device: torch.device) -> torch.dtyp
 
 def load_model(model_cfg, device: torch.device):
     """Load (model, tokenizer) on the CPU; the engine moves one block at a time to `device`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     source = resolve_source(model_cfg.path, model_cfg.gguf_file)
     hf_config = load_hf_config(source)

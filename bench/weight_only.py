@@ -16,17 +16,18 @@ RTN = "configs/quantization/methods/RTN/rtn_w_only.yml"
 GPTQ = "configs/quantization/methods/GPTQ/gptq_w_only.yml"
 AWQ = "configs/quantization/methods/Awq/awq_w_only.yml"
 EVAL = ["eval.num_samples=40", "eval.seq_len=2048", "eval.eval_pos=[fake_quant]"]
-ROWS = {
-    "RTN W4": (RTN, []),
-    "GPTQ W4": (GPTQ, []),
-    "AWQ W4": (AWQ, []),
+ROWS = {  # in the order they run: peer comparisons first, the long AWQ rows last
     "AWQ W4 (64 samples)": (AWQ, ["calib.n_samples=64"]),
-    "RTN W3": (RTN, ["quant.weight.bit=3"]),
+    "GPTQ W4": (GPTQ, []),
     "GPTQ W3": (GPTQ, ["quant.weight.bit=3"]),
-    "AWQ W3": (AWQ, ["quant.weight.bit=3"]),
-    "RTN W2": (RTN, ["quant.weight.bit=2"]),
     "GPTQ W2": (GPTQ, ["quant.weight.bit=2"]),
-    "AWQ W2": (AWQ, ["quant.weight.bit=2"]),
+    "RTN W4": (RTN, []),
+    "RTN W3": (RTN, ["quant.weight.bit=3"]),
+    "RTN W2": (RTN, ["quant.weight.bit=2"]),
+    "AWQ W4": (AWQ, []),
+    "AWQ W3": (AWQ, ["quant.weight.bit=3"]),
+    "AWQ W2 (64 samples)": (AWQ, ["quant.weight.bit=2", "calib.n_samples=64"]),
+    "FP": (RTN, ["eval.eval_pos=[pretrain]"]),
 }
 
 

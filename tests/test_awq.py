@@ -14,7 +14,7 @@ from llmc.errors import UserError
 from llmc.export.state import architecture_fingerprint, load_state
 from llmc.models.adapter import adapter_class
 from llmc.quant.fake_linear import quant_disabled
-from llmc.quant.quantizer import QuantArgs
+from llmc.quant.quantizer import QuantArgs, fake_quant
 from tiny import FAMILIES, make_model
 
 W3 = QuantArgs(bit=3, symmetric=False, granularity="per_group", group_size=32)
@@ -78,6 +78,31 @@ def test_clip_search_lowers_output_error_and_clips():
     assert torch.all(w.amax(-1) <= hi + 1e-6)
 
 
+
+@pytest.mark.parametrize("clip_sym", [True, False])
+def test_clip_search_picks_the_per_group_best_shrink(clip_sym):
+    """Each group's chosen range is the grid point with the least error of that group's partial output."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 10, bias=False)
+    linear.weight.data[:, ::7] *= 5
+    x = torch.randn(1, 40, 64)
+    w = linear.weight.data.clone()
+    opts = AwqOptions(clip_sym=clip_sym, clip_grid=20, max_shrink=0.5)
+    lo, hi = Awq(W3, None, opts)._clip(linear, [x])
+    xs = x.reshape(-1, 64)
+    for row in range(10):
+        for g in range(2):
+            wg, xg = w[row, g * 32:(g + 1) * 32], xs[:, g * 32:(g + 1) * 32]
+            top, bottom = (wg.abs().max(), -wg.abs().max()) if clip_sym else (wg.max(), wg.min())
+            errs = []
+            for i in range(10):
+                c = torch.clamp(wg, bottom * (1 - i / 20), top * (1 - i / 20))
+                q = fake_quant(c.view(1, -1), W3).view(-1)
+                errs.append((xg @ q - xg @ wg).pow(2).mean().item())
+            best = min(range(10), key=errs.__getitem__)
+            assert hi[row, g].item() == pytest.approx((top * (1 - best / 20)).item(), rel=1e-5)
+            assert lo[row, g].item() == pytest.approx((bottom * (1 - best / 20)).item(), rel=1e-5)
+
 def test_saved_state_round_trips_and_refuses_other_models(make_config, tmp_path, wiki_files, tiny_dir):
     path = make_config({
         "calib": {"name": "wikitext2", "path": wiki_files["valid"], "n_samples": 8, "seq_len": 32, "bs": 4},
@@ -122,3 +147,16 @@ def test_awq_beats_rtn_through_cli(make_config, tmp_path, wiki_files, tiny_dir):
         with torch.no_grad():
             err[method] = (load_fake_quant(tmp_path / method / "fake_quant_model")(ids).logits - ref).pow(2).mean()
     assert err["Awq"] < err["RTN"]
+
+
+def test_gram_loss_equals_the_output_mse_of_the_linear():
+    torch.manual_seed(1)
+    linear = torch.nn.Linear(64, 24)
+    original = linear.weight.data.clone()
+    xs = [torch.randn(2, 16, 64), torch.randn(3, 16, 64)]
+    loss_of = Awq._gram_loss(RunContext(), linear, original, xs)
+    assert loss_of() == pytest.approx(0.0, abs=1e-10)
+    linear.weight.data = fake_quant(original, W3)
+    x = torch.cat([t.reshape(-1, 64) for t in xs])
+    expected = (x @ linear.weight.data.t() - x @ original.t()).pow(2).mean().item()
+    assert loss_of() == pytest.approx(expected, rel=1e-4)

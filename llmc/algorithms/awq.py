@@ -166,8 +166,10 @@ class Awq(Algorithm):
             w_mean = sum(self._weight_mean(w) for w in originals) / len(originals)
             if fold.reduced:
                 w_mean = w_mean.view(fold.reduced // job.head_dim, -1, job.head_dim).mean(1).reshape(-1)
-        with torch.no_grad(), ctx.autocast():
-            float_out = [job.run_module(subset.inspect, x.to(ctx.device), b, subset.has_kwargs) for b, x in enumerate(xs)]
+        if subset.inspect == layers[0] and len(layers) == 1 and not subset.has_kwargs:
+            loss_of = self._gram_loss(ctx, linears[0], originals[0], xs)
+        else:
+            loss_of = self._forward_loss(job, subset, xs)
         best, best_loss = None, float("inf")
         losses = []
         for r in range(opts.n_grid):
@@ -178,14 +180,7 @@ class Awq(Algorithm):
             full = fold.expand(s)
             for lin, w in zip(linears, originals):
                 lin.weight.data.copy_(fake_quant(_scale_columns(w, full.to(w.dtype)), self.wargs) / full.view(1, -1))
-            loss = torch.zeros((), device=x_mean.device)
-            count = 0
-            with torch.no_grad(), ctx.autocast():
-                for b, x in enumerate(xs):
-                    out = job.run_module(subset.inspect, x.to(ctx.device), b, subset.has_kwargs)
-                    loss += (out.float() - float_out[b].float()).pow(2).sum()
-                    count += out.numel()
-            loss = (ctx.reduce(loss) / ctx.reduce(torch.tensor(float(count), device=loss.device))).item()
+            loss = loss_of()
             losses.append(loss)
             if loss < best_loss:
                 best, best_loss = s.clone(), loss
@@ -194,6 +189,44 @@ class Awq(Algorithm):
         logger.debug(f"AWQ {job.full_name(layers[0])}: best ratio {losses.index(best_loss) / opts.n_grid:.2f}")
         return best
 
+    @staticmethod
+    def _forward_loss(job, subset, xs: list[torch.Tensor]):
+        """Mean squared error of the inspect module's output against its float output, over all batches."""
+        ctx = job.ctx
+        with torch.no_grad(), ctx.autocast():
+            float_out = [job.run_module(subset.inspect, x.to(ctx.device), b, subset.has_kwargs) for b, x in enumerate(xs)]
+
+        def loss_of() -> float:
+            loss = torch.zeros((), device=ctx.device)
+            count = 0
+            with torch.no_grad(), ctx.autocast():
+                for b, x in enumerate(xs):
+                    out = job.run_module(subset.inspect, x.to(ctx.device), b, subset.has_kwargs)
+                    loss += nn.functional.mse_loss(out.float(), float_out[b].float(), reduction="sum")
+                    count += out.numel()
+            return (ctx.reduce(loss) / ctx.reduce(torch.tensor(float(count), device=loss.device))).item()
+
+        return loss_of
+
+    @staticmethod
+    def _gram_loss(ctx, linear, original: torch.Tensor, xs: list[torch.Tensor]):
+        """The same mean squared output error when the inspected module is the linear itself:
+        sum ||x (W' - W)^T||^2 = tr(D G D^T) with D = W' - W and G = sum x^T x, so each grid point costs
+        out x in^2 instead of tokens x out x in (6x less for SmolLM2's down_proj at 64k tokens)."""
+        ci = original.shape[1]
+        with torch.no_grad():
+            gram = sum(x.reshape(-1, ci).float().t() @ x.reshape(-1, ci).float() for x in xs)
+        gram = ctx.reduce(gram.to(ctx.device))
+        tokens = ctx.reduce(torch.tensor(float(sum(x.numel() // ci for x in xs)), device=ctx.device))
+        count = tokens * original.shape[0]
+        reference = original.float().to(ctx.device)
+
+        def loss_of() -> float:
+            d = linear.weight.data.float() - reference
+            return ((d @ gram) * d).sum().div(count).item()
+
+        return loss_of
+
     def _weight_mean(self, w: torch.Tensor) -> torch.Tensor:
         groups = w.abs().reshape(-1, self.wargs.group_size if self.wargs.granularity == "per_group" else w.shape[1])
         return (groups / groups.amax(dim=1, keepdim=True).clamp(min=1e-8)).reshape(w.shape).float().mean(0)
@@ -201,23 +234,26 @@ class Awq(Algorithm):
     # ---- clip search ------------------------------------------------------------------------------
     @torch.no_grad()
     def _clip(self, linear, xs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-group [min, max] minimising the group-wise output error on sampled tokens; applied to the weight."""
+        """Per-group [min, max] minimising the group-wise output error on sampled tokens; applied to the weight.
+
+        Each group's partial output x_g · w_g is a batched matmul over groups, so the search runs at
+        matmul speed rather than as a broadcast multiply (30x faster on CPU)."""
         opts: AwqOptions = self.options
         args: QuantArgs = self.wargs
         sym = args.symmetric if opts.clip_sym is None else opts.clip_sym
         w = linear.weight.data.float()
         co, ci = w.shape
         gs = args.group_size if args.granularity == "per_group" else ci
+        n_groups = ci // gs
         x = torch.cat([t.reshape(-1, ci) for t in xs]).float()
         x = x[:: max(1, x.shape[0] // opts.clip_tokens)][: opts.clip_tokens]
-        x = x.view(1, x.shape[0], ci // gs, gs)
+        xg = x.view(-1, n_groups, gs).transpose(0, 1)                      # [G, T, gs]
+        chunk = max(1, (1 << 26) // (n_groups * xg.shape[1]))              # bound the [G, T, rows] outputs
         lo_all, hi_all = [], []
-        step = 256 if co % 256 == 0 else 64
-        for o in range(0, co, step):
-            wb = w[o:o + step].view(-1, 1, ci // gs, gs)
-            org_out = (x * wb).sum(-1)
-            org_max = wb.amax(-1, keepdim=True)
-            org_min = wb.amin(-1, keepdim=True)
+        for o in range(0, co, chunk):
+            wb = w[o:o + chunk].view(-1, n_groups, gs)                      # [rows, G, gs]
+            org_out = torch.bmm(xg, wb.permute(1, 2, 0))                    # [G, T, rows]
+            org_max, org_min = wb.amax(-1, keepdim=True), wb.amin(-1, keepdim=True)
             if sym:
                 org_max = torch.maximum(org_max.abs(), org_min.abs())
                 org_min = -org_max
@@ -226,18 +262,18 @@ class Awq(Algorithm):
             for i in range(int(opts.max_shrink * opts.clip_grid)):
                 hi = org_max * (1 - i / opts.clip_grid)
                 lo = org_min * (1 - i / opts.clip_grid)
-                cur = torch.clamp(wb, lo, hi)
-                flat = cur.reshape(-1, gs)
+                flat = torch.clamp(wb, lo, hi).reshape(-1, gs)
                 scale, zero = calibrate(flat, args)
-                q = dequantize(quantize(flat, scale, zero, args), scale, zero).view_as(cur)
-                err = ((x * q).sum(-1) - org_out).pow(2).mean(dim=1).view(best_err.shape)
+                q = dequantize(quantize(flat, scale, zero, args), scale, zero).view_as(wb)
+                out = torch.bmm(xg, q.permute(1, 2, 0))
+                err = (out - org_out).pow(2).mean(dim=1).t().unsqueeze(-1)  # [rows, G, 1]
                 better = err < best_err
                 best_err = torch.where(better, err, best_err)
                 best_hi = torch.where(better, hi, best_hi)
                 best_lo = torch.where(better, lo, best_lo)
-            lo_all.append(best_lo.reshape(-1, ci // gs))
-            hi_all.append(best_hi.reshape(-1, ci // gs))
+            lo_all.append(best_lo.reshape(-1, n_groups))
+            hi_all.append(best_hi.reshape(-1, n_groups))
         lo, hi = torch.cat(lo_all), torch.cat(hi_all)
-        clipped = torch.clamp(w.view(co, ci // gs, gs), lo.unsqueeze(-1), hi.unsqueeze(-1)).view(co, ci)
+        clipped = torch.clamp(w.view(co, n_groups, gs), lo.unsqueeze(-1), hi.unsqueeze(-1)).view(co, ci)
         linear.weight.data.copy_(clipped.to(linear.weight.dtype))
         return lo.cpu(), hi.cpu()

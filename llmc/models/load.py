@@ -85,7 +85,7 @@ def resolve_dtype(requested: str, hf_config, device: torch.device) -> torch.dtyp
     if device.type == "cpu" and dtype != torch.float32:
         # Half precision weights on CPU lose accuracy in every op; block forwards can still run in
         # bfloat16 through model.compute_dtype, with statistics in float32.
-        logger.info(f"model dtype {dtype} → float32 on CPU (set model.compute_dtype: bfloat16 for faster block forwards)")
+        logger.info(f"model dtype {dtype} → float32 on CPU (model.compute_dtype sets the dtype of block forwards)")
         dtype = torch.float32
     return dtype
 

@@ -21,6 +21,7 @@ from llmc.export.save import save_fake_quant, save_transformed
 from llmc.export.state import architecture_fingerprint, save_state
 from llmc.models import adapter_class, load_hf_config, load_model, meta_model, pick_device, resolve_source
 from llmc.quant.fake_linear import quant_disabled
+from llmc.quant.kvcache import kv_quantized
 from llmc.quant.quantizer import QuantArgs
 from llmc.report import peak_rss_mb, summary_table, write_results
 
@@ -96,7 +97,8 @@ def run(config: Config, device: Optional[str] = None, config_path: Optional[str]
                                 config.quant.quant_out)
     with quant_disabled(model):
         evaluate("transformed")
-    evaluate("fake_quant")
+    with kv_quantized(model, adapter.attention_modules(), config.quant.kvcache):
+        evaluate("fake_quant")
     evaluate("fake_quant_wo_kv")
 
     for kind, path in options.outputs().items():

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from llmc.algorithms.awq import Awq, AwqOptions
+from llmc.algorithms.equivalence import gram_loss
 from llmc.algorithms.rtn import RTN
 from llmc.algorithms.base import Options
 from llmc.cli import main
@@ -154,7 +155,7 @@ def test_gram_loss_equals_the_output_mse_of_the_linear():
     linear = torch.nn.Linear(64, 24)
     original = linear.weight.data.clone()
     xs = [torch.randn(2, 16, 64), torch.randn(3, 16, 64)]
-    loss_of = Awq._gram_loss(RunContext(), linear, original, xs)
+    loss_of = gram_loss(RunContext(), linear, original, xs)
     assert loss_of() == pytest.approx(0.0, abs=1e-10)
     linear.weight.data = fake_quant(original, W3)
     x = torch.cat([t.reshape(-1, 64) for t in xs])

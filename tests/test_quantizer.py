@@ -107,8 +107,7 @@ def test_static_act_quantizer_calibrates_once_then_reuses():
     aq(torch.tensor([[1.0, -2.0]]))
     aq(torch.tensor([[4.0, 0.5]]))
     aq.observing = False
-    xmin, xmax = aq.observed_range()
-    aq.set_static(xmin, xmax)
+    aq.finish_observation({k: v for k, (v, op) in aq.observed_stats().items()})
     assert aq.scale.item() == pytest.approx(4.0 / 127.5)
     out = aq(torch.tensor([[100.0, 1.0]]))  # beyond the calibrated range: clamped, not re-ranged
     assert out[0, 0].item() == pytest.approx(127 * 4.0 / 127.5)
@@ -119,3 +118,39 @@ def test_dynamic_per_token_uses_each_tokens_range():
     x = torch.tensor([[1.0, 0.5], [100.0, 50.0]])
     out = aq(x)
     assert torch.allclose(out[0], x[0], atol=1 / 255) and torch.allclose(out[1], x[1], atol=100 / 255)
+
+
+def test_static_percentile_ignores_rare_extremes():
+    args = dict(bit=8, symmetric=False, granularity="per_tensor", static=True)
+    x = torch.linspace(-1, 1, 10001).view(1, -1).clone()
+    x[0, 5000] = 50.0  # one outlier token value
+    ranges = {}
+    for algo in ("minmax", "percentile"):
+        aq = ActQuantizer(QuantArgs(**args, calib_algo=algo, percentile=99.9))
+        aq.observing = True
+        aq(x)
+        aq(x * 0.5)
+        aq.observing = False
+        stats = {k: v for k, (v, op) in aq.observed_stats().items()}
+        aq.finish_observation(stats)
+        ranges[algo] = aq.scale.item() * 255
+    assert ranges["minmax"] == pytest.approx(51.0, rel=1e-4)
+    # mean over the two batches of the 0.1% / 99.9% values: (0.998 + 0.499) - (-0.998 - 0.499), /2 batches
+    assert ranges["percentile"] == pytest.approx(1.497, rel=2e-3)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_dynamic_per_token_exact_values(symmetric):
+    aq = ActQuantizer(QuantArgs(bit=4, symmetric=symmetric, granularity="per_token"))
+    x = torch.tensor([[[0.7, -1.5, 3.0, 0.0], [0.1, 0.2, 0.3, 0.4]]])
+    out = aq(x)
+    for row, got in zip(x[0], out[0]):
+        if symmetric:  # grid -8..7, scale = absmax / 7.5
+            scale = row.abs().max() / 7.5
+            want = torch.clamp(torch.round(row / scale), -8, 7) * scale
+        else:  # range widened to include 0, 15 steps, integer zero point
+            lo, hi = min(row.min(), 0), max(row.max(), 0)
+            scale = (hi - lo) / 15
+            zero = torch.round(-8 - lo / scale)
+            want = (torch.clamp(torch.round(row / scale) + zero, -8, 7) - zero) * scale
+        assert torch.allclose(got, want, atol=1e-6)

@@ -15,6 +15,7 @@ from loguru import logger
 from torch import nn
 
 from llmc.algorithms.base import Algorithm, Options
+from llmc.algorithms.equivalence import fold_plan, forward_loss, gram_loss
 from llmc.quant.quantizer import QuantArgs, calibrate, dequantize, fake_quant, quantize
 from llmc.registry import ALGORITHMS
 
@@ -42,10 +43,6 @@ class AwqOptions(Options):
         if self.save_clip:
             out["clips"] = self.clip_path
         return out
-
-
-def _scale_columns(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    return w * s.view(1, -1)
 
 
 @ALGORITHMS.register("Awq", "AWQ")
@@ -78,11 +75,11 @@ class Awq(Algorithm):
                 layers = job.quantized_layers(subset)
                 if not layers:
                     continue
-                fold = self._fold_plan(job, subset, layers)
+                fold = fold_plan(job, subset)
                 if fold is None:
                     continue
                 s = self._search_scale(job, subset, layers, feats[subset.input], fold)
-                full = fold(s)
+                full = fold.apply(s)
                 feats[subset.input] = [x / full.to(x.dtype) for x in feats[subset.input]]
                 for name in layers:
                     scales[job.full_name(name)] = full.detach().cpu()
@@ -105,71 +102,22 @@ class Awq(Algorithm):
         return state
 
     # ---- scale search -----------------------------------------------------------------------------
-    def _fold_plan(self, job, subset, layers):
-        """A function that folds a scale into prev_op and the layers (returning the per-input-channel
-        scale), or None when prev_op cannot absorb one."""
-        prev = job.module(subset.prev_op) if subset.prev_op else None
-        channels = job.module(layers[0]).in_features
-        linears = [job.module(n) for n in layers]
-        if isinstance(prev, nn.Module) and hasattr(prev, "out_features"):
-            rows = prev.out_features
-            if rows == channels:
-                expand = lambda s: s  # noqa: E731
-            elif job.head_dim and channels % rows == 0 and rows % job.head_dim == 0:
-                rep, kv, hd = channels // rows, rows // job.head_dim, job.head_dim
-                expand = lambda s: s.view(kv, 1, hd).expand(kv, rep, hd).reshape(-1)  # noqa: E731
-            else:
-                logger.info(f"AWQ: {job.full_name(layers[0])}: {subset.prev_op} ({rows} outputs) cannot absorb "
-                            f"a scale over {channels} inputs; subset skipped")
-                return None
-
-            def fold_linear(s: torch.Tensor) -> torch.Tensor:
-                full = expand(s)
-                prev.weight.data.div_(s.view(-1, 1).to(prev.weight.dtype))
-                if prev.bias is not None:
-                    prev.bias.data.div_(s.to(prev.bias.dtype))
-                for lin in linears:
-                    lin.weight.data.copy_(_scale_columns(lin.weight.data, full.to(lin.weight.dtype)))
-                return full
-
-            fold_linear.reduced = rows if rows != channels else None
-            fold_linear.expand = expand
-            return fold_linear
-        weight = getattr(prev, "weight", None)
-        if isinstance(weight, torch.Tensor) and weight.dim() == 1 and weight.numel() == channels:
-            def fold_norm(s: torch.Tensor) -> torch.Tensor:
-                prev.weight.data.div_(s.to(prev.weight.dtype))
-                if getattr(prev, "bias", None) is not None:
-                    prev.bias.data.div_(s.to(prev.bias.dtype))
-                for lin in linears:
-                    lin.weight.data.copy_(_scale_columns(lin.weight.data, s.to(lin.weight.dtype)))
-                return s
-
-            fold_norm.reduced, fold_norm.expand = None, (lambda s: s)
-            return fold_norm
-        logger.info(f"AWQ: {job.full_name(layers[0])}: prev_op {subset.prev_op!r} cannot absorb a scale; skipped")
-        return None
-
     def _search_scale(self, job, subset, layers, xs: list[torch.Tensor], fold) -> torch.Tensor:
         opts: AwqOptions = self.options
         ctx = job.ctx
         x_sum = sum(x.abs().reshape(-1, x.shape[-1]).float().sum(0) for x in xs)
         tokens = sum(x.numel() // x.shape[-1] for x in xs)
         x_mean = ctx.reduce(x_sum) / ctx.reduce(torch.tensor(float(tokens), device=x_sum.device))
-        if fold.reduced:  # GQA: one scale per key/value channel, shared by the query heads that read it
-            kv = fold.reduced // job.head_dim
-            x_mean = x_mean.view(kv, -1, job.head_dim).mean(1).reshape(-1)
+        x_mean = fold.reduce(x_mean, "mean")  # GQA: one scale per key/value channel
         linears = [job.module(n) for n in layers]
         originals = [lin.weight.data.clone() for lin in linears]
         w_mean = None
         if opts.trans_version == "v1":
-            w_mean = sum(self._weight_mean(w) for w in originals) / len(originals)
-            if fold.reduced:
-                w_mean = w_mean.view(fold.reduced // job.head_dim, -1, job.head_dim).mean(1).reshape(-1)
+            w_mean = fold.reduce(sum(self._weight_mean(w) for w in originals) / len(originals), "mean")
         if subset.inspect == layers[0] and len(layers) == 1 and not subset.has_kwargs:
-            loss_of = self._gram_loss(ctx, linears[0], originals[0], xs)
+            loss_of = gram_loss(ctx, linears[0], originals[0], xs)
         else:
-            loss_of = self._forward_loss(job, subset, xs)
+            loss_of = forward_loss(job, subset, xs)
         best, best_loss = None, float("inf")
         losses = []
         for r in range(opts.n_grid):
@@ -179,7 +127,7 @@ class Awq(Algorithm):
             s = s / (s.max() * s.min()).sqrt()
             full = fold.expand(s)
             for lin, w in zip(linears, originals):
-                lin.weight.data.copy_(fake_quant(_scale_columns(w, full.to(w.dtype)), self.wargs) / full.view(1, -1))
+                lin.weight.data.copy_(fake_quant(w * full.view(1, -1).to(w.dtype), self.wargs) / full.view(1, -1))
             loss = loss_of()
             losses.append(loss)
             if loss < best_loss:
@@ -188,44 +136,6 @@ class Awq(Algorithm):
             lin.weight.data.copy_(w)
         logger.debug(f"AWQ {job.full_name(layers[0])}: best ratio {losses.index(best_loss) / opts.n_grid:.2f}")
         return best
-
-    @staticmethod
-    def _forward_loss(job, subset, xs: list[torch.Tensor]):
-        """Mean squared error of the inspect module's output against its float output, over all batches."""
-        ctx = job.ctx
-        with torch.no_grad(), ctx.autocast():
-            float_out = [job.run_module(subset.inspect, x.to(ctx.device), b, subset.has_kwargs) for b, x in enumerate(xs)]
-
-        def loss_of() -> float:
-            loss = torch.zeros((), device=ctx.device)
-            count = 0
-            with torch.no_grad(), ctx.autocast():
-                for b, x in enumerate(xs):
-                    out = job.run_module(subset.inspect, x.to(ctx.device), b, subset.has_kwargs)
-                    loss += nn.functional.mse_loss(out.float(), float_out[b].float(), reduction="sum")
-                    count += out.numel()
-            return (ctx.reduce(loss) / ctx.reduce(torch.tensor(float(count), device=loss.device))).item()
-
-        return loss_of
-
-    @staticmethod
-    def _gram_loss(ctx, linear, original: torch.Tensor, xs: list[torch.Tensor]):
-        """The same mean squared output error when the inspected module is the linear itself:
-        sum ||x (W' - W)^T||^2 = tr(D G D^T) with D = W' - W and G = sum x^T x, so each grid point costs
-        out x in^2 instead of tokens x out x in (6x less for SmolLM2's down_proj at 64k tokens)."""
-        ci = original.shape[1]
-        with torch.no_grad():
-            gram = sum(x.reshape(-1, ci).float().t() @ x.reshape(-1, ci).float() for x in xs)
-        gram = ctx.reduce(gram.to(ctx.device))
-        tokens = ctx.reduce(torch.tensor(float(sum(x.numel() // ci for x in xs)), device=ctx.device))
-        count = tokens * original.shape[0]
-        reference = original.float().to(ctx.device)
-
-        def loss_of() -> float:
-            d = linear.weight.data.float() - reference
-            return ((d @ gram) * d).sum().div(count).item()
-
-        return loss_of
 
     def _weight_mean(self, w: torch.Tensor) -> torch.Tensor:
         groups = w.abs().reshape(-1, self.wargs.group_size if self.wargs.granularity == "per_group" else w.shape[1])

@@ -31,6 +31,7 @@ class Algorithm:
     Options: ClassVar[type[Options]] = Options
     needs_targets: ClassVar[bool] = False   # wants the float block's outputs on the calibration data
     data_driven: ClassVar[bool] = False     # always needs calibration data (GPTQ, AWQ), not only for static acts
+    weight_calib_algos: ClassVar[tuple[str, ...]] = ()  # weight range algorithms beyond minmax and mse
 
     def __init__(self, wargs: Optional[QuantArgs], aargs: Optional[QuantArgs], options: Options):
         self.wargs, self.aargs, self.options = wargs, aargs, options
@@ -71,5 +72,5 @@ class Algorithm:
             for q in qlinears.values():
                 q.act_quant.observing = False
         for q in qlinears.values():
-            xmin, xmax = q.act_quant.observed_range()
-            q.act_quant.set_static(job.ctx.reduce(xmin, "min"), job.ctx.reduce(xmax, "max"))
+            stats = q.act_quant.observed_stats()
+            q.act_quant.finish_observation({k: job.ctx.reduce(v, op) for k, (v, op) in stats.items()})

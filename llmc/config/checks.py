@@ -12,6 +12,7 @@ from llmc.registry import ALGORITHMS, DATASETS, PREPROCESSORS
 
 WEIGHT_GRANULARITIES = ("per_tensor", "per_channel", "per_group")
 ACT_GRANULARITIES = ("per_tensor", "per_token", "per_head", "per_group")
+ACT_CALIB_STATIC = ("minmax", "percentile")
 
 
 def algorithm_options(config: Config):
@@ -56,7 +57,18 @@ def check_config(config: Config) -> None:
                               f"use one of {', '.join(ACT_GRANULARITIES)}")
         if q.act.static and config.calib is None:
             raise ConfigError("quant.act.static", "static activation ranges need a calib section")
+        if q.act.static and q.act.granularity != "per_tensor":
+            raise ConfigError("quant.act.granularity", f"'{q.act.granularity}' with static: True; static "
+                              "activation ranges are calibrated per_tensor (dynamic ones may be per_token/per_head)")
+        allowed = ACT_CALIB_STATIC if q.act.static else ("minmax",)
+        if q.act.calib_algo not in allowed:
+            raise ConfigError("quant.act.calib_algo", f"'{q.act.calib_algo}' with static: {q.act.static}; "
+                              f"expected one of {', '.join(allowed)}"
+                              + ("" if q.act.static else " (dynamic ranges come from each input's own min/max)"))
     cls, options = algorithm_options(config)
+    if q.weight is not None and q.weight.calib_algo not in ("minmax", "mse") + cls.weight_calib_algos:
+        raise ConfigError("quant.weight.calib_algo", f"'{q.weight.calib_algo}' is not available with {cls.name}; "
+                          f"expected one of {', '.join(('minmax', 'mse') + cls.weight_calib_algos)}")
     cls.check(config)
     needs_calib = cls.needs_calibration(*_args(config), options)
     if needs_calib and config.calib is None:

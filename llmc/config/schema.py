@@ -105,11 +105,28 @@ class QuantSpecCfg(Section):
         return self
 
 
+class KVCacheCfg(Section):
+    """Dynamic fake quantization of the keys (after rotary embedding) and values attention reads:
+    per_token (one range per token over all heads) or per_head (one per token and head)."""
+
+    method: Literal["Naive"] = "Naive"
+    bit: Union[int, Literal["e4m3", "e5m2"]] = 8
+    symmetric: bool = True
+    granularity: Literal["per_token", "per_head"] = "per_token"
+
+    @field_validator("bit")
+    @classmethod
+    def _bit(cls, v: Any) -> Any:
+        if isinstance(v, int) and not 2 <= v <= 8:
+            raise ValueError("integer bits must be between 2 and 8")
+        return v
+
+
 class QuantCfg(Section):
     method: str
     weight: Optional[QuantSpecCfg] = None
     act: Optional[QuantSpecCfg] = None
-    kvcache: Optional[dict[str, Any]] = None
+    kvcache: Optional[KVCacheCfg] = None
     special: dict[str, Any] = {}
     quant_out: bool = False
 

@@ -18,6 +18,7 @@ class Subset:
     input: str                     # the linear whose input is captured for the subset
     inspect: str                   # module whose output measures a transform's error
     has_kwargs: bool = False       # inspect needs the block's kwargs (attention mask, rotary embeddings)
+    shiftable: bool = False        # input = prev_op's output up to a per-channel affine map (a shift folds)
 
 
 def get_module(root: nn.Module, dotted: str) -> nn.Module:
@@ -40,6 +41,7 @@ class Adapter:
     subsets: ClassVar[list[Subset]]
     # Linears whose outputs are multiplied into attention scores: weight clipping skips them (as AutoAWQ).
     score_layers: ClassVar[tuple[str, ...]] = ("self_attn.q_proj", "self_attn.k_proj")
+    attention: ClassVar[str] = "self_attn"  # the module in each block that computes attention
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -49,6 +51,9 @@ class Adapter:
 
     def block_name(self, index: int) -> str:
         return f"{self.blocks}.{index}"
+
+    def attention_modules(self) -> list[nn.Module]:
+        return [get_module(block, self.attention) for block in self.block_list()]
 
     def head_dim(self) -> Optional[int]:
         cfg = self.model.config

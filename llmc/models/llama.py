@@ -10,10 +10,10 @@ class Llama(Adapter):
     final = ["model.norm"]
     subsets = [
         Subset(layers=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), prev_op="input_layernorm",
-               input="self_attn.q_proj", inspect="self_attn", has_kwargs=True),
+               input="self_attn.q_proj", inspect="self_attn", has_kwargs=True, shiftable=True),
         Subset(layers=("self_attn.o_proj",), prev_op="self_attn.v_proj", input="self_attn.o_proj",
-               inspect="self_attn.o_proj"),
+               inspect="self_attn.o_proj", shiftable=True),
         Subset(layers=("mlp.gate_proj", "mlp.up_proj"), prev_op="post_attention_layernorm",
-               input="mlp.gate_proj", inspect="mlp"),
+               input="mlp.gate_proj", inspect="mlp", shiftable=True),
         Subset(layers=("mlp.down_proj",), prev_op="mlp.up_proj", input="mlp.down_proj", inspect="mlp.down_proj"),
     ]

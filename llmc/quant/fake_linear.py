@@ -21,8 +21,7 @@ class ActQuantizer(nn.Module):
         self.register_buffer("scale", None)
         self.register_buffer("zero", None)
         self.observing = False
-        self._min: Optional[torch.Tensor] = None
-        self._max: Optional[torch.Tensor] = None
+        self._stats: dict[str, tuple[torch.Tensor, str]] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observing:
@@ -38,20 +37,48 @@ class ActQuantizer(nn.Module):
         return dequantize(quantize(xg.float(), scale, zero, self.args), scale, zero).reshape(x.shape).to(x.dtype)
 
     def _observe(self, x: torch.Tensor) -> None:
-        xmin, xmax = row_range(grouped(x.detach().float(), self.args))
+        xg = grouped(x.detach().float(), self.args)
+        if self.args.calib_algo == "percentile":
+            # Per batch, the values at the (100-p)th and pth percentiles; averaged over batches, so a few
+            # extreme tokens do not set the range (TensorRT's percentile calibration, per batch).
+            lo, hi = _percentiles(xg, self.args.percentile)
+            stats = {"lo_sum": (lo, "sum"), "hi_sum": (hi, "sum"), "batches": (torch.ones_like(lo), "sum")}
+            self._stats = {k: (v if k not in self._stats else self._stats[k][0] + v, op) for k, (v, op) in stats.items()}
+            return
+        xmin, xmax = row_range(xg)
         xmin, xmax = xmin.amin(dim=0, keepdim=True), xmax.amax(dim=0, keepdim=True)
-        self._min = xmin if self._min is None else torch.minimum(self._min, xmin)
-        self._max = xmax if self._max is None else torch.maximum(self._max, xmax)
+        if self._stats:
+            xmin, xmax = torch.minimum(self._stats["min"][0], xmin), torch.maximum(self._stats["max"][0], xmax)
+        self._stats = {"min": (xmin, "min"), "max": (xmax, "max")}
 
-    def observed_range(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._min, self._max
+    def observed_stats(self) -> dict[str, tuple[torch.Tensor, str]]:
+        """What observation accumulated, each with the op that combines it across processes."""
+        if not self._stats:
+            raise RuntimeError("static activation quantizer saw no calibration input")
+        return self._stats
+
+    def finish_observation(self, stats: dict[str, torch.Tensor]) -> None:
+        """Fix static parameters from (reduced) observed statistics."""
+        if "min" in stats:
+            xmin, xmax = stats["min"], stats["max"]
+        else:
+            xmin, xmax = stats["lo_sum"] / stats["batches"], stats["hi_sum"] / stats["batches"]
+        self.set_static(xmin, xmax)
 
     def set_static(self, xmin: torch.Tensor, xmax: torch.Tensor) -> None:
         self.scale, self.zero = qparams_from_range(xmin, xmax, self.args)
-        self._min = self._max = None
+        self._stats = {}
 
     def extra_repr(self) -> str:
         return self.args.describe()
+
+
+def _percentiles(xg: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of a grouped tensor, the values at percentiles 100-p and p (kthvalue: no size limit)."""
+    n = xg.shape[-1]
+    k_hi = max(1, min(n, int(round(n * p / 100))))
+    k_lo = max(1, n - k_hi + 1)
+    return xg.kthvalue(k_lo, dim=-1, keepdim=True).values, xg.kthvalue(k_hi, dim=-1, keepdim=True).values
 
 
 class QuantLinear(nn.Module):

@@ -1,0 +1,53 @@
+"""Weight-activation quantization and KV cache on SmolLM2-135M (issue: SmoothQuant, W8A8/W6A6/W4A4, KV):
+per-channel symmetric weights, per-token dynamic symmetric activations, SmoothQuant calibrated on
+128 x 512 tokens of wiki.valid.tokens; PPL on the first 40 x 2048 windows of wiki.test.raw.
+
+    python bench/weight_act.py [--redo] [--only LABEL ...]   # writes bench/results/weight_act_smollm2.{json,md}
+"""
+from __future__ import annotations
+
+import argparse
+
+from common import run_table
+
+NAME = "weight_act_smollm2"
+TITLE = ("SmolLM2-135M-Instruct, weights per-channel sym, activations per-token dynamic sym, SmoothQuant calib "
+         "128 x 512 wiki.valid.tokens, PPL on wiki.test.raw first 40 x 2048, CPU (2 cores), llmc `bench/weight_act.py`")
+RTN = "configs/quantization/methods/RTN/rtn_w_a.yml"
+SQ = "configs/quantization/methods/SmoothQuant/smoothquant_w_a.yml"
+KV = "configs/quantization/methods/KVQuant/rtn_w_a_naive_quant_kv.yml"
+EVAL = ["eval.num_samples=40", "eval.seq_len=2048", "eval.eval_pos=[fake_quant]"]
+
+
+def bits(n: int) -> list[str]:
+    return [f"quant.weight.bit={n}", f"quant.act.bit={n}"]
+
+
+SEARCH = ["quant.special.alpha_search=True", "quant.special.smooth_all=True", "quant.special.alpha_min=0.4",
+          "quant.special.alpha_max=0.9", "quant.special.alpha_step=0.1"]
+ROWS = {
+    "RTN W8A8": (RTN, bits(8)),
+    "SmoothQuant W8A8 (alpha 0.8)": (SQ, bits(8)),
+    "RTN W6A6": (RTN, bits(6)),
+    "SmoothQuant W6A6 (alpha 0.8)": (SQ, bits(6)),
+    "SmoothQuant W6A6 (alpha search, all subsets)": (SQ, bits(6) + SEARCH),
+    "RTN W4A4": (RTN, bits(4)),
+    "SmoothQuant W4A4 (alpha 0.8)": (SQ, bits(4)),
+    "SmoothQuant W4A4 (alpha search, all subsets)": (SQ, bits(4) + SEARCH),
+    "RTN W8A8 + KV int8 per-token": (KV, []),
+    "RTN W8A8 + KV int4 per-token": (KV, ["quant.kvcache.bit=4"]),
+    "RTN W8A8 + KV int4 per-head": (KV, ["quant.kvcache.bit=4", "quant.kvcache.granularity=per_head"]),
+    "FP": (RTN, ["eval.eval_pos=[pretrain]"]),
+}
+
+
+if __name__ == "__main__":
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--redo", action="store_true")
+    parser.add_argument("--only", nargs="*")
+    a = parser.parse_args()
+    run_table(NAME, TITLE, ROWS, EVAL, a.redo, a.only)

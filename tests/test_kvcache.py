@@ -1,0 +1,64 @@
+import json
+
+import pytest
+import torch
+
+from llmc.cli import main
+from llmc.config.schema import KVCacheCfg
+from llmc.models.adapter import adapter_class
+from llmc.quant.kvcache import fake_quant_kv, kv_quantized
+from tiny import FAMILIES, make_model
+
+
+def test_per_token_and_per_head_ranges():
+    k = torch.zeros(1, 2, 3, 4)
+    k[0, 0, :, 0] = torch.tensor([1.0, 2.0, 4.0])   # head 0
+    k[0, 1, :, 1] = torch.tensor([0.01, 0.02, 0.04])  # head 1: tiny values
+    per_token = fake_quant_kv(k, _args(4), "per_token")
+    per_head = fake_quant_kv(k, _args(4), "per_head")
+    # per token, head 1 shares head 0's range: its tiny values round to zero; per head they survive
+    assert per_token[0, 1, :, 1].abs().max() == 0
+    assert torch.allclose(per_head[0, 1, :, 1], k[0, 1, :, 1], rtol=0.1)
+    step = k[0, 0, :, 0] / 7.5  # each token's own absmax sets its step (grid -8..7)
+    assert torch.all((per_token[0, 0, :, 0] - k[0, 0, :, 0]).abs() <= step)
+
+
+def _args(bit):
+    from llmc.quant.quantizer import QuantArgs
+
+    return QuantArgs(bit=bit, symmetric=True, granularity="per_token")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_kv_quant_is_scoped_and_grows_with_fewer_bits(family):
+    model = make_model(family)
+    adapter = adapter_class(model.config.model_type, None)(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 20))
+    with torch.no_grad():
+        ref = model(ids).logits
+        errs = {}
+        for bit in (8, 3):
+            with kv_quantized(model, adapter.attention_modules(), KVCacheCfg(bit=bit, granularity="per_head")):
+                errs[bit] = (model(ids).logits - ref).abs().max().item()
+        after = model(ids).logits
+    assert 0 < errs[8] < errs[3]
+    assert torch.equal(after, ref)  # leaving the context restores the model's own attention
+
+
+def test_fake_quant_with_and_without_kv_through_cli(make_config, tmp_path):
+    path = make_config({
+        "quant": {"weight": {"bit": 8, "symmetric": True, "granularity": "per_channel", "group_size": -1},
+                  "kvcache": {"method": "Naive", "bit": 2, "symmetric": True, "granularity": "per_token"}},
+        "eval": {"eval_pos": ["fake_quant", "fake_quant_wo_kv"]},
+    })
+    assert main(["--config", path]) == 0
+    evals = {e["pos"]: e["ppl"] for e in json.loads((tmp_path / "out" / "results.json").read_text())["evals"]}
+    # a random tiny model sits near uniform PPL, so 2-bit KV noise may move it either way: it must move
+    assert abs(evals["fake_quant"] / evals["fake_quant_wo_kv"] - 1) > 1e-3
+
+
+def test_unknown_kv_method_is_a_config_error(make_config, capsys):
+    path = make_config({"quant": {"kvcache": {"method": "Kivi", "bit": 8}}})
+    assert main(["--config", path]) == 2
+    err = capsys.readouterr().err
+    assert "quant.kvcache.method" in err and "Kivi" in err

@@ -18,7 +18,7 @@ from llmc.engine.pipeline import quantize_blocks
 from llmc.errors import ConfigError, UserError
 from llmc.evaluation.ppl import eval_windows, perplexity
 from llmc.export.save import save_fake_quant, save_transformed
-from llmc.export.state import architecture_fingerprint, save_state
+from llmc.export.state import architecture_fingerprint, load_state, save_state
 from llmc.models import adapter_class, load_hf_config, load_model, meta_model, pick_device, resolve_source
 from llmc.quant.fake_linear import quant_disabled
 from llmc.quant.kvcache import kv_quantized
@@ -88,6 +88,9 @@ def run(config: Config, device: Optional[str] = None, config_path: Optional[str]
 
     evaluate("pretrain")
     algorithm = algo_cls(wargs, aargs, options)
+    for kind, path in options.inputs().items():
+        algorithm.loaded[kind], header = load_state(path, kind, model)
+        logger.info(f"loaded {len(algorithm.loaded[kind])} {kind} from {path} ({header.get('method')})")
     batches = None
     if algo_cls.needs_calibration(wargs, aargs, options):
         with ctx.timed("calibration data"):

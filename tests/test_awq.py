@@ -161,3 +161,23 @@ def test_gram_loss_equals_the_output_mse_of_the_linear():
     x = torch.cat([t.reshape(-1, 64) for t in xs])
     expected = (x @ linear.weight.data.t() - x @ original.t()).pow(2).mean().item()
     assert loss_of() == pytest.approx(expected, rel=1e-4)
+
+
+def test_learnable_calib_keeps_the_weight_and_quantizes_as_if_clipped():
+    """calib_algo: learnable leaves the float weight alone (its clips go to OmniQuant) but the fake-quant
+    grid is the one clipping would give."""
+    base = make_model("llama")
+    with torch.no_grad():
+        base.model.layers[0].mlp.down_proj.weight[:, ::16] *= 6
+    outs = {}
+    for algo_name in ("minmax", "learnable"):
+        model = copy.deepcopy(base)
+        args = QuantArgs(bit=3, symmetric=False, granularity="per_group", group_size=32, calib_algo=algo_name)
+        algo = Awq(args, None, AwqOptions(trans=False, weight_clip=True))
+        adapter = adapter_class("llama", None)(model)
+        quantize_blocks(model, adapter, algo, _batches(model), set(), RunContext(), quant_out=True)
+        q = model.model.layers[0].mlp.down_proj
+        outs[algo_name] = (q.weight.detach().clone(), q.fake_weight().detach().clone())
+    assert torch.equal(outs["learnable"][0], base.model.layers[0].mlp.down_proj.weight)
+    assert not torch.equal(outs["minmax"][0], base.model.layers[0].mlp.down_proj.weight)
+    assert torch.allclose(outs["learnable"][1], outs["minmax"][1], atol=1e-6)

@@ -8,7 +8,7 @@ of its own subset by s, and losses are summed over every calibration batch befor
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 from loguru import logger
@@ -16,7 +16,7 @@ from torch import nn
 
 from llmc.algorithms.base import Algorithm, Options
 from llmc.algorithms.equivalence import fold_plan, forward_loss, gram_loss
-from llmc.quant.quantizer import QuantArgs, calibrate, dequantize, fake_quant, quantize
+from llmc.quant.quantizer import QuantArgs, calibrate, dequantize, fake_quant, grouped, qparams_from_range, quantize, row_range
 from llmc.registry import ALGORITHMS
 
 
@@ -25,6 +25,9 @@ class AwqOptions(Options):
     trans_version: str = "v2"
     weight_clip: bool = True
     clip_sym: Optional[bool] = None        # default: the weight quantizer's symmetry
+    # v1 clips the weights; v2 keeps the weights and puts the clip range in the quantizer (for OmniQuant's
+    # LWC), as does weight calib_algo: learnable.
+    clip_version: Literal["v1", "v2"] = "v1"
     n_grid: int = 20
     clip_grid: int = 20
     max_shrink: float = 0.5
@@ -49,8 +52,8 @@ class AwqOptions(Options):
 class Awq(Algorithm):
     name = "AWQ"
     Options = AwqOptions
-
     data_driven = True
+    weight_calib_algos = ("learnable",)  # clips kept in the quantizer (not the weight) for OmniQuant's LWC
 
     @classmethod
     def check(cls, config) -> None:
@@ -91,8 +94,14 @@ class Awq(Algorithm):
                         continue
                     clips[job.full_name(name)] = self._clip(job.module(name), feats[subset.input])
         qlinears = self.install_all(job)
-        for q in qlinears.values():
-            q.set_weight_qparams()
+        for name, q in qlinears.items():
+            clip = clips.get(job.full_name(name)) if self._keeps_clips else None
+            if clip is None:
+                q.set_weight_qparams()
+            else:  # the clipped range, as if the weight were clipped, sets the grid; the weight stays
+                wmin, wmax = row_range(grouped(q.weight.detach().float(), self.wargs))
+                lo, hi = (c.to(q.weight.device).reshape(-1, 1) for c in clip)
+                q.set_weight_qparams(*qparams_from_range(torch.maximum(lo, wmin), torch.minimum(hi, wmax), self.wargs))
         self.calibrate_static_acts(job, qlinears)
         state = {}
         if scales:
@@ -142,48 +151,62 @@ class Awq(Algorithm):
         return (groups / groups.amax(dim=1, keepdim=True).clamp(min=1e-8)).reshape(w.shape).float().mean(0)
 
     # ---- clip search ------------------------------------------------------------------------------
-    @torch.no_grad()
-    def _clip(self, linear, xs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-group [min, max] minimising the group-wise output error on sampled tokens; applied to the weight.
+    @property
+    def _keeps_clips(self) -> bool:
+        return self.wargs.calib_algo == "learnable" or self.options.clip_version == "v2"
 
-        Each group's partial output x_g · w_g is a batched matmul over groups, so the search runs at
-        matmul speed rather than as a broadcast multiply (30x faster on CPU)."""
+    def _clip(self, linear, xs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Search per-group clip values; apply them to the weight, or (weight `calib_algo: learnable`)
+        keep the weight and put them in the quantizer, as the initial range OmniQuant's LWC refines."""
         opts: AwqOptions = self.options
-        args: QuantArgs = self.wargs
-        sym = args.symmetric if opts.clip_sym is None else opts.clip_sym
-        w = linear.weight.data.float()
-        co, ci = w.shape
-        gs = args.group_size if args.granularity == "per_group" else ci
-        n_groups = ci // gs
-        x = torch.cat([t.reshape(-1, ci) for t in xs]).float()
-        x = x[:: max(1, x.shape[0] // opts.clip_tokens)][: opts.clip_tokens]
-        xg = x.view(-1, n_groups, gs).transpose(0, 1)                      # [G, T, gs]
-        chunk = max(1, (1 << 26) // (n_groups * xg.shape[1]))              # bound the [G, T, rows] outputs
-        lo_all, hi_all = [], []
-        for o in range(0, co, chunk):
-            wb = w[o:o + chunk].view(-1, n_groups, gs)                      # [rows, G, gs]
-            org_out = torch.bmm(xg, wb.permute(1, 2, 0))                    # [G, T, rows]
-            org_max, org_min = wb.amax(-1, keepdim=True), wb.amin(-1, keepdim=True)
-            if sym:
-                org_max = torch.maximum(org_max.abs(), org_min.abs())
-                org_min = -org_max
-            best_lo, best_hi = org_min.clone(), org_max.clone()
-            best_err = torch.full_like(org_max, float("inf"))
-            for i in range(int(opts.max_shrink * opts.clip_grid)):
-                hi = org_max * (1 - i / opts.clip_grid)
-                lo = org_min * (1 - i / opts.clip_grid)
-                flat = torch.clamp(wb, lo, hi).reshape(-1, gs)
-                scale, zero = calibrate(flat, args)
-                q = dequantize(quantize(flat, scale, zero, args), scale, zero).view_as(wb)
-                out = torch.bmm(xg, q.permute(1, 2, 0))
-                err = (out - org_out).pow(2).mean(dim=1).t().unsqueeze(-1)  # [rows, G, 1]
-                better = err < best_err
-                best_err = torch.where(better, err, best_err)
-                best_hi = torch.where(better, hi, best_hi)
-                best_lo = torch.where(better, lo, best_lo)
-            lo_all.append(best_lo.reshape(-1, n_groups))
-            hi_all.append(best_hi.reshape(-1, n_groups))
-        lo, hi = torch.cat(lo_all), torch.cat(hi_all)
-        clipped = torch.clamp(w.view(co, n_groups, gs), lo.unsqueeze(-1), hi.unsqueeze(-1)).view(co, ci)
-        linear.weight.data.copy_(clipped.to(linear.weight.dtype))
+        sym = self.wargs.symmetric if opts.clip_sym is None else opts.clip_sym
+        lo, hi = clip_search(linear.weight.data, xs, self.wargs, sym, opts.clip_grid, opts.max_shrink, opts.clip_tokens)
+        if not self._keeps_clips:
+            w = linear.weight.data
+            groups = lo.shape[1]
+            clipped = torch.clamp(w.float().view(w.shape[0], groups, -1), lo.unsqueeze(-1), hi.unsqueeze(-1))
+            w.copy_(clipped.view_as(w).to(w.dtype))
         return lo.cpu(), hi.cpu()
+
+
+@torch.no_grad()
+def clip_search(weight: torch.Tensor, xs: list[torch.Tensor], args: QuantArgs, sym: bool, grid: int = 20,
+                max_shrink: float = 0.5, n_tokens: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """AutoAWQ's clip search: per output channel and group, [min, max] shrunk by 1 - i/grid (i < max_shrink·grid)
+    minimising the group's partial-output error on `n_tokens` sampled tokens. Returns ([out, groups] x 2).
+
+    Each group's partial output x_g · w_g is a batched matmul over groups, so the search runs at
+    matmul speed rather than as a broadcast multiply (30x faster on CPU)."""
+    w = weight.float()
+    co, ci = w.shape
+    gs = args.group_size if args.granularity == "per_group" else ci
+    n_groups = ci // gs
+    x = torch.cat([t.reshape(-1, ci) for t in xs]).float().to(w.device)
+    x = x[:: max(1, x.shape[0] // n_tokens)][:n_tokens]
+    xg = x.view(-1, n_groups, gs).transpose(0, 1)                      # [G, T, gs]
+    chunk = max(1, (1 << 26) // (n_groups * xg.shape[1]))              # bound the [G, T, rows] outputs
+    lo_all, hi_all = [], []
+    for o in range(0, co, chunk):
+        wb = w[o:o + chunk].view(-1, n_groups, gs)                      # [rows, G, gs]
+        org_out = torch.bmm(xg, wb.permute(1, 2, 0))                    # [G, T, rows]
+        org_max, org_min = wb.amax(-1, keepdim=True), wb.amin(-1, keepdim=True)
+        if sym:
+            org_max = torch.maximum(org_max.abs(), org_min.abs())
+            org_min = -org_max
+        best_lo, best_hi = org_min.clone(), org_max.clone()
+        best_err = torch.full_like(org_max, float("inf"))
+        for i in range(int(max_shrink * grid)):
+            hi = org_max * (1 - i / grid)
+            lo = org_min * (1 - i / grid)
+            flat = torch.clamp(wb, lo, hi).reshape(-1, gs)
+            scale, zero = calibrate(flat, args)
+            q = dequantize(quantize(flat, scale, zero, args), scale, zero).view_as(wb)
+            out = torch.bmm(xg, q.permute(1, 2, 0))
+            err = (out - org_out).pow(2).mean(dim=1).t().unsqueeze(-1)  # [rows, G, 1]
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_hi = torch.where(better, hi, best_hi)
+            best_lo = torch.where(better, lo, best_lo)
+        lo_all.append(best_lo.reshape(-1, n_groups))
+        hi_all.append(best_hi.reshape(-1, n_groups))
+    return torch.cat(lo_all), torch.cat(hi_all)

@@ -25,6 +25,10 @@ class Options(BaseModel):
         """State kinds the user asked to save (e.g. {"scales": path}); the engine writes them."""
         return {}
 
+    def inputs(self) -> dict[str, str]:
+        """State kinds to start from (e.g. {"clips": path}); the engine reads them into `Algorithm.loaded`."""
+        return {}
+
 
 class Algorithm:
     name: ClassVar[str]
@@ -35,6 +39,7 @@ class Algorithm:
 
     def __init__(self, wargs: Optional[QuantArgs], aargs: Optional[QuantArgs], options: Options):
         self.wargs, self.aargs, self.options = wargs, aargs, options
+        self.loaded: dict[str, dict[str, torch.Tensor]] = {}  # state from an earlier stage, by kind
 
     @classmethod
     def needs_calibration(cls, wargs: Optional[QuantArgs], aargs: Optional[QuantArgs], options: Options) -> bool:

@@ -90,6 +90,29 @@ def fold_plan(job, subset, shift: bool = False) -> Optional[Fold]:
     return Fold(prev, linears, reduced, job.head_dim, can_shift)
 
 
+
+def channel_ranges(job, inputs: list[str], feats: Optional[dict] = None) -> tuple[dict, dict]:
+    """Per-channel min and max of the named linears' inputs over every batch (and process), from
+    captured `feats` when given, else from a block forward cut short once they have all been seen."""
+    lo: dict[str, torch.Tensor] = {}
+    hi: dict[str, torch.Tensor] = {}
+
+    def observe(name: str, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        cur_lo, cur_hi = x.amin(0), x.amax(0)
+        lo[name] = cur_lo if name not in lo else torch.minimum(lo[name], cur_lo)
+        hi[name] = cur_hi if name not in hi else torch.maximum(hi[name], cur_hi)
+
+    if feats is not None:
+        for name, xs in feats.items():
+            for x in xs:
+                observe(name, x)
+    else:
+        job.collect(inputs, observe)
+    return ({n: job.ctx.reduce(v, "min") for n, v in lo.items()},
+            {n: job.ctx.reduce(v, "max") for n, v in hi.items()})
+
+
 # ---- subset output errors ---------------------------------------------------------------------------
 def forward_loss(job, subset, xs: list[torch.Tensor]) -> Callable[[Optional[torch.Tensor]], float]:
     """loss_of(divisor): mean squared error of the inspect module's output, on the inputs divided by

@@ -19,7 +19,7 @@ from loguru import logger
 from torch import nn
 
 from llmc.algorithms.base import Algorithm, Options
-from llmc.algorithms.equivalence import Fold, fold_plan, forward_loss
+from llmc.algorithms.equivalence import Fold, channel_ranges, fold_plan, forward_loss
 from llmc.errors import ConfigError
 from llmc.quant.fake_linear import ActQuantizer
 from llmc.quant.quantizer import fake_quant
@@ -86,7 +86,7 @@ class SmoothQuant(Algorithm):
                 plans.append((subset, layers, fold))
         inputs = sorted({subset.input for subset, _, _ in plans})
         feats = job.capture(inputs) if opts.alpha_search else None
-        lo, hi = self._channel_ranges(job, inputs, feats)
+        lo, hi = channel_ranges(job, inputs, feats)
         scales, shifts = {}, {}
         for subset, layers, fold in plans:
             shift = None
@@ -114,27 +114,6 @@ class SmoothQuant(Algorithm):
             q.set_weight_qparams()
         self.calibrate_static_acts(job, qlinears)
         return {k: v for k, v in (("scales", scales), ("shifts", shifts)) if v}
-
-    @staticmethod
-    def _channel_ranges(job, inputs: list[str], feats) -> tuple[dict, dict]:
-        """Per-channel min and max of each captured input over every batch (and process)."""
-        lo: dict[str, torch.Tensor] = {}
-        hi: dict[str, torch.Tensor] = {}
-
-        def observe(name: str, x: torch.Tensor) -> None:
-            x = x.reshape(-1, x.shape[-1]).float()
-            cur_lo, cur_hi = x.amin(0), x.amax(0)
-            lo[name] = cur_lo if name not in lo else torch.minimum(lo[name], cur_lo)
-            hi[name] = cur_hi if name not in hi else torch.maximum(hi[name], cur_hi)
-
-        if feats is not None:
-            for name, xs in feats.items():
-                for x in xs:
-                    observe(name, x)
-        else:
-            job.collect(inputs, observe)
-        return ({n: job.ctx.reduce(v, "min") for n, v in lo.items()},
-                {n: job.ctx.reduce(v, "max") for n, v in hi.items()})
 
     def _search_alpha(self, job, subset, layers, fold: Fold, xs, x_absmax, w_absmax, shift, alphas) -> float:
         """The alpha whose smoothed, quantized subset gives the least inspect-output error. Each linear

@@ -70,6 +70,13 @@ def check_config(config: Config) -> None:
         raise ConfigError("quant.weight.calib_algo", f"'{q.weight.calib_algo}' is not available with {cls.name}; "
                           f"expected one of {', '.join(('minmax', 'mse') + cls.weight_calib_algos)}")
     cls.check(config)
+    from llmc.export.state import state_file
+
+    for kind, path in options.inputs().items():
+        if path and not state_file(path, kind).is_file():
+            key = "clip_path" if kind == "clips" else "scale_path"
+            raise ConfigError(f"quant.special.{key}", f"no saved {kind} at '{state_file(path, kind)}' (run the "
+                              f"earlier stage with save_{kind[:-1]}: True and {key} pointing here)")
     needs_calib = cls.needs_calibration(*_args(config), options)
     if needs_calib and config.calib is None:
         raise ConfigError("calib", f"{cls.name} with these settings needs calibration data: add a calib section")

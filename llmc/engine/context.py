@@ -38,6 +38,10 @@ class RunContext:
     def offload(self, module: nn.Module) -> nn.Module:
         return module.to(self.offload_device)
 
+    @property
+    def world_size(self) -> int:
+        return 1
+
     def reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """Combine a statistic across processes (one process: unchanged). op: sum, max or min."""
         return tensor

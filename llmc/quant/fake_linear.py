@@ -99,6 +99,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("w_scale", None, persistent=False)
         self.register_buffer("w_zero", None, persistent=False)
         self.register_buffer("w_gidx", None, persistent=False)  # group of each input column (GPTQ act order)
+        self.lwc: Optional[nn.Module] = None  # OmniQuant's learnable clipping while it trains
         self.quant_enabled = True
         self._cache_key = None
         self._cache: Optional[torch.Tensor] = None
@@ -114,6 +115,13 @@ class QuantLinear(nn.Module):
         self.w_scale, self.w_zero = scale.detach(), zero.detach()
         self.w_gidx = g_idx
         self._cache = None
+
+    def freeze_lwc(self) -> None:
+        """Fix the grid the learned clipping factors give on the current weight, and drop them."""
+        with torch.no_grad():
+            scale, zero = self.lwc.qparams(self.weight)
+        self.lwc = None
+        self.set_weight_qparams(scale, zero)
 
     def int_weight(self) -> torch.Tensor:
         """Integer codes of the weight, shaped like grouped(weight) (like the weight when g_idx is set)."""
@@ -135,6 +143,8 @@ class QuantLinear(nn.Module):
     def fake_weight(self) -> torch.Tensor:
         if self.wargs is None:
             return self.weight
+        if self.lwc is not None:
+            return self.lwc.fake_quant(self.weight)
         if self.w_scale is None:
             self.set_weight_qparams()
         key = (self.weight.data_ptr(), self.weight._version, self.w_scale.data_ptr())

@@ -89,12 +89,13 @@ def qparams_from_range(xmin: torch.Tensor, xmax: torch.Tensor, args: QuantArgs) 
     xmin = torch.minimum(xmin, torch.zeros_like(xmin))
     xmax = torch.maximum(xmax, torch.zeros_like(xmax))
     scale = ((xmax - xmin) / (args.qmax - args.qmin)).clamp(min=eps)
-    zero = torch.round(args.qmin - xmin / scale).clamp(args.qmin, args.qmax)
+    zero = _round(args.qmin - xmin / scale, args.ste).clamp(args.qmin, args.qmax)
     return scale, zero
 
 
 def _round(x: torch.Tensor, ste: bool) -> torch.Tensor:
-    return x + (torch.round(x) - x).detach() if ste else torch.round(x)
+    # Straight-through only where a gradient is wanted: x + (round(x) - x) is not always exactly round(x).
+    return x + (torch.round(x) - x).detach() if ste and x.requires_grad else torch.round(x)
 
 
 def quantize(xg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, args: QuantArgs) -> torch.Tensor:

@@ -16,12 +16,12 @@ RESULTS = ROOT / "bench" / "results"
 DATA = os.environ.get("LLMC_DATA", str(ROOT.parent / "shared" / "data"))
 
 
-def run_llmc(config: str, overrides: list[str]) -> dict:
+def run_llmc(config: str, overrides: list[str], save_path: str | None = None) -> dict:
     """One llmc run; returns its results.json plus the wall time and peak RSS of the whole process."""
     with tempfile.TemporaryDirectory() as tmp:
         results = Path(tmp) / "results.json"
         cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "llmc", "--config", config, "--results", str(results),
-               "--set", f"save.save_path={tmp}/save", "--overwrite"]
+               "--set", f"save.save_path={save_path or tmp + '/save'}", "--overwrite"]
         for o in overrides:
             cmd += ["--set", o]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "LLMC_DATA": DATA})
@@ -67,20 +67,34 @@ def render(rows: dict, title: str, fp_label: str = "FP") -> str:
     return f"{title}\n\n" + markdown(["run", "PPL", "vs FP", "quantize s", "process wall s", "peak RSS MB"], body)
 
 
+def run_row(spec, common: list[str]) -> dict:
+    """A row is (config, overrides), or a list of them run in order (AWQ step 1 → OmniQuant step 2): the
+    steps share a work folder, named `{work}` in their overrides; the row reports the last step's PPL, the
+    summed quantize and wall times and the largest peak RSS."""
+    steps = spec if isinstance(spec, list) else [spec]
+    with tempfile.TemporaryDirectory() as work:
+        results = [run_llmc(config, common + [o.format(work=work) for o in overrides], f"{work}/step{i}")
+                   for i, (config, overrides) in enumerate(steps)]
+    last = results[-1]
+    return {"ppl": last["evals"][0]["ppl"],
+            "quantize_s": sum(r["timings"].get("quantize", 0.0) for r in results),
+            "wall_s": sum(r["process_wall_s"] for r in results),
+            "peak_rss_mb": max(r["process_peak_rss_mb"] for r in results),
+            "steps_quantize_s": [r["timings"].get("quantize", 0.0) for r in results],
+            "overrides": [o for _, overrides in steps for o in overrides]}
+
+
 def run_table(name: str, title: str, rows_spec: dict, common: list[str], redo: bool = False,
               only: list[str] | None = None) -> dict:
     """Run every row not yet in bench/results/NAME.json (all with redo; a subset with only), saving after each."""
     rows = load_rows(name)
-    for label, (config, overrides) in rows_spec.items():
+    for label, spec in rows_spec.items():
         if only and not any(o in label for o in only):
             continue
         if label in rows and not redo:
             continue
         print(f"running {label} ...", flush=True)
-        res = run_llmc(config, common + overrides)
-        rows[label] = {"ppl": res["evals"][0]["ppl"], "quantize_s": res["timings"].get("quantize", 0.0),
-                       "wall_s": res["process_wall_s"], "peak_rss_mb": res["process_peak_rss_mb"],
-                       "overrides": overrides}
+        rows[label] = run_row(spec, common)
         ordered = {k: rows[k] for k in rows_spec if k in rows}
         ordered.update({k: v for k, v in rows.items() if k not in ordered})
         rows = ordered

@@ -27,6 +27,8 @@ def summary_table(evals: list[dict]) -> str:
 def write_results(results: dict, path: Path) -> None:
     atomic_write_json(path, results)
     timings = "\n".join(f"| {k} | {v:.1f} |" for k, v in results["timings"].items())
-    atomic_write_text(path.with_suffix(".md"), f"# llmc run: {results['config']['quant']['method']}\n\n"
+    cfg = results["config"]
+    method = " → ".join(q["method"] for q in (cfg.get("stages") or [cfg["quant"]]))
+    atomic_write_text(path.with_suffix(".md"), f"# llmc run: {method}\n\n"
                       f"{summary_table(results['evals'])}\n\n| phase | seconds |\n|---|---|\n{timings}\n\n"
                       f"Peak RSS: {results['peak_rss_mb']:.0f} MB\n")

@@ -20,7 +20,7 @@ from llmc.evaluation.ppl import eval_windows, perplexity
 from llmc.export.save import save_fake_quant, save_transformed
 from llmc.export.state import architecture_fingerprint, load_state, save_state
 from llmc.models import adapter_class, load_hf_config, load_model, meta_model, pick_device, resolve_source
-from llmc.quant.fake_linear import quant_disabled
+from llmc.quant.fake_linear import quant_disabled, unwrap_quant_linears
 from llmc.quant.kvcache import kv_quantized
 from llmc.quant.quantizer import QuantArgs
 from llmc.report import peak_rss_mb, summary_table, write_results
@@ -56,11 +56,11 @@ def run(config: Config, device: Optional[str] = None, config_path: Optional[str]
     random.seed(config.base.seed)
     torch.manual_seed(config.base.seed)
     ctx = RunContext.from_config(config, pick_device(device))
-    algo_cls, options = algorithm_options(config)
-    wargs, aargs = QuantArgs.from_cfg(config.quant.weight), QuantArgs.from_cfg(config.quant.act)
+    stages = config.stage_configs()
     hf_config = load_hf_config(resolve_source(config.model.path, config.model.gguf_file))
     adapter_cls = adapter_class(getattr(hf_config, "model_type", None), config.model.type)
-    check_against_model(config, adapter_cls(meta_model(hf_config)))
+    for stage in stages:
+        check_against_model(stage, adapter_cls(meta_model(hf_config)))
     out = output_dir(config, config_path, overwrite)
     logger.info(f"device {ctx.device}, output {out}")
 
@@ -87,28 +87,21 @@ def run(config: Config, device: Optional[str] = None, config_path: Optional[str]
                               "seq_len": ev.seq_len})
 
     evaluate("pretrain")
-    algorithm = algo_cls(wargs, aargs, options)
-    for kind, path in options.inputs().items():
-        algorithm.loaded[kind], header = load_state(path, kind, model)
-        logger.info(f"loaded {len(algorithm.loaded[kind])} {kind} from {path} ({header.get('method')})")
-    batches = None
-    if algo_cls.needs_calibration(wargs, aargs, options):
-        with ctx.timed("calibration data"):
-            batches = batch_samples(load_calib_samples(config.calib, tokenizer), config.calib.bs)
-    with ctx.timed("quantize"):
-        state = quantize_blocks(model, adapter, algorithm, batches, ignored_names(config, adapter), ctx,
-                                config.quant.quant_out)
+    batches: list = []
+    handed: dict[str, dict] = {}  # state earlier stages found, by kind
+    original = snapshot_if_needed(model, stages)
+    for i, stage in enumerate(stages):
+        if i:
+            start_next_stage(model, original, stage)
+        state = run_stage(stage, model, adapter, tokenizer, ctx, batches, handed, ignored_names(config, adapter))
+        handed.update(state)
+    last = stages[-1]
     with quant_disabled(model):
         evaluate("transformed")
-    with kv_quantized(model, adapter.attention_modules(), config.quant.kvcache):
+    with kv_quantized(model, adapter.attention_modules(), last.quant.kvcache):
         evaluate("fake_quant")
     evaluate("fake_quant_wo_kv")
 
-    for kind, path in options.outputs().items():
-        header = {"method": algo_cls.name, "weight": config.quant.weight.model_dump() if config.quant.weight else None,
-                  "fingerprint": architecture_fingerprint(model), "folded": True}
-        target = save_state(path, kind, state.get(kind, {}), header)
-        logger.info(f"saved {len(state.get(kind, {}))} {kind} to {target}")
     if config.save.save_trans:
         with ctx.timed("save transformed"):
             save_transformed(model, tokenizer, out / "transformed_model")
@@ -117,10 +110,57 @@ def run(config: Config, device: Optional[str] = None, config_path: Optional[str]
             save_fake_quant(model, tokenizer, out / "fake_quant_model")
 
     results = {"evals": evals, "timings": ctx.timings, "peak_rss_mb": peak_rss_mb(),
-               "config": config.model_dump(mode="json"), "state": {k: len(v) for k, v in state.items()}}
+               "config": config.model_dump(mode="json"), "state": {k: len(v) for k, v in handed.items()}}
     target = Path(results_path) if results_path else out / "results.json"
     write_results(results, target)
     table = summary_table(evals) if evals else "(no evaluation configured)"
     logger.info(f"summary ({target}):\n{table}\npeak RSS {results['peak_rss_mb']:.0f} MB")
     print(table)
     return results
+
+
+def run_stage(stage: Config, model, adapter, tokenizer, ctx, batches: list, handed: dict, ignored: set[str]) -> dict:
+    """One algorithm over every block: state it starts from (handed over in memory, else read from its
+    files), calibration data (loaded once, shared by the stages), the blockwise pass, state files."""
+    algo_cls, options = algorithm_options(stage)
+    wargs, aargs = QuantArgs.from_cfg(stage.quant.weight), QuantArgs.from_cfg(stage.quant.act)
+    algorithm = algo_cls(wargs, aargs, options)
+    for kind, path in options.inputs().items():
+        if kind in handed:
+            algorithm.loaded[kind] = handed[kind]
+            logger.info(f"{algo_cls.name} starts from the {len(handed[kind])} {kind} of the previous stage")
+        else:
+            algorithm.loaded[kind], header = load_state(path, kind, model)
+            logger.info(f"loaded {len(algorithm.loaded[kind])} {kind} from {path} ({header.get('method')})")
+    if algo_cls.needs_calibration(wargs, aargs, options) and not batches:
+        with ctx.timed("calibration data"):
+            batches.extend(batch_samples(load_calib_samples(stage.calib, tokenizer), stage.calib.bs))
+    with ctx.timed("quantize"):
+        state = quantize_blocks(model, adapter, algorithm, batches or None, ignored, ctx, stage.quant.quant_out)
+    for kind, path in options.outputs().items():
+        header = {"method": algo_cls.name, "weight": stage.quant.weight.model_dump() if stage.quant.weight else None,
+                  "fingerprint": architecture_fingerprint(model), "folded": True}
+        target = save_state(path, kind, state.get(kind, {}), header)
+        logger.info(f"saved {len(state.get(kind, {}))} {kind} to {target}")
+    return state
+
+
+def _starts_from_original(stage: Config) -> bool:
+    """A stage that starts equivalent transformations from saved scales applies them to the original
+    weights (as LLMC's two-step W8A8 recipe does); any other starts from the previous stage's float model."""
+    _, options = algorithm_options(stage)
+    return "scales" in options.inputs()
+
+
+def snapshot_if_needed(model, stages: list[Config]) -> Optional[dict]:
+    if any(_starts_from_original(s) for s in stages[1:]):
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return None
+
+
+def start_next_stage(model, original: Optional[dict], stage: Config) -> None:
+    """Back to plain float linears: the previous stage's transformed weights, or the original ones."""
+    unwrap_quant_linears(model)
+    if _starts_from_original(stage):
+        model.load_state_dict(original)
+        logger.info("next stage starts from the original weights (its LET starts from the handed-over scales)")

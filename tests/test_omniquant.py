@@ -1,5 +1,6 @@
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -164,6 +165,46 @@ def test_two_step_awq_then_omniquant_through_the_cli(make_config, tmp_path, wiki
     ppl = [next(e["ppl"] for e in json.loads((tmp_path / s / "results.json").read_text())["evals"]
                 if e["pos"] == "fake_quant") for s in ("s1", "s2")]
     assert ppl[1] == pytest.approx(ppl[0], rel=2e-3)
+
+
+@pytest.mark.parametrize("setting", ["w3a16", "w8a8"])
+def test_stages_in_one_process_equal_the_two_step_files(make_config, tmp_path, wiki_files, setting):
+    """AWQ → OmniQuant (2 epochs) as two configs with files in between, and as one config with `stages`."""
+    weight_only = setting == "w3a16"
+    calib = {"name": "wikitext2", "path": wiki_files["valid"], "n_samples": 4, "seq_len": 32, "bs": 1}
+    weight = ({"bit": 3, "symmetric": False, "granularity": "per_group", "group_size": 32, "calib_algo": "learnable"}
+              if weight_only else {"bit": 8, "symmetric": False, "granularity": "per_channel", "group_size": -1,
+                                   "calib_algo": "learnable"})
+    act = None if weight_only else {"bit": 8, "symmetric": False, "granularity": "per_token"}
+    state = str(tmp_path / "state")
+    awq = {"method": "Awq", "weight": weight, "act": act, "quant_out": True, "special": {
+        "trans_version": "v2", "save_clip": True, "clip_path": state, "save_scale": not weight_only,
+        "scale_path": state}}
+    omni_special = {"lwc": True, "epochs": 2, "load_clip": True, "clip_path": state, "aug_loss": weight_only}
+    if not weight_only:
+        omni_special.update(let=True, search_scale_init=True, scale_path=state)
+    omni = {"method": "OmniQuant", "weight": {**weight, "ste": True}, "act": act, "quant_out": True,
+            "special": omni_special}
+    s1 = make_config({"calib": calib, "quant": awq, "eval": {"eval_pos": ["fake_quant"]},
+                      "save": {"save_path": str(tmp_path / "s1"), "save_trans": weight_only}}, name="s1.yml")
+    assert main(["--config", s1]) == 0
+    model = {"path": str(tmp_path / "s1" / "transformed_model")} if weight_only else {}
+    s2 = make_config({"calib": calib, "quant": omni, "model": model, "eval": {"eval_pos": ["fake_quant"]},
+                      "save": {"save_path": str(tmp_path / "s2")}}, name="s2.yml")
+    assert main(["--config", s2]) == 0
+    both = make_config({"calib": calib, "eval": {"eval_pos": ["fake_quant"]},
+                        "save": {"save_path": str(tmp_path / "both")}}, name="both.yml")
+    import yaml
+
+    raw = yaml.safe_load(open(both))
+    del raw["quant"]
+    awq_mem = {**awq, "special": {"trans_version": "v2"}}
+    omni_mem = {**omni, "special": {k: v for k, v in omni_special.items() if not k.endswith("_path")}}
+    raw["stages"] = [awq_mem, omni_mem]
+    Path(both).write_text(yaml.safe_dump(raw))
+    assert main(["--config", both]) == 0
+    ppl = [json.loads((tmp_path / s / "results.json").read_text())["evals"][0]["ppl"] for s in ("s2", "both")]
+    assert ppl[1] == pytest.approx(ppl[0], rel=1e-6)
 
 
 def test_missing_clip_file_is_refused_before_loading(make_config, tmp_path, wiki_files, capsys):

@@ -56,6 +56,10 @@ class Awq(Algorithm):
     weight_calib_algos = ("learnable",)  # clips kept in the quantizer (not the weight) for OmniQuant's LWC
 
     @classmethod
+    def produces(cls, options: AwqOptions) -> set[str]:
+        return {k for k, on in (("scales", options.trans), ("clips", options.weight_clip)) if on}
+
+    @classmethod
     def check(cls, config) -> None:
         from llmc.errors import ConfigError
 

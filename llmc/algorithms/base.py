@@ -46,6 +46,11 @@ class Algorithm:
         return cls.data_driven or bool(aargs and aargs.static)
 
     @classmethod
+    def produces(cls, options: Options) -> set[str]:
+        """State kinds `apply` returns, which a later stage may start from."""
+        return set()
+
+    @classmethod
     def check(cls, config) -> None:
         """Method-specific config checks, run before anything is loaded (raise ConfigError)."""
 

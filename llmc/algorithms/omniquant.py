@@ -79,9 +79,6 @@ class OmniQuant(Algorithm):
             raise ConfigError("quant.weight", "OmniQuant learns weight clipping: a weight section is required")
         if opts.epochs > 0 and not (opts.lwc or opts.let):
             raise ConfigError("quant.special.epochs", f"{opts.epochs} epochs with lwc and let both False: nothing to learn")
-        for flag, key in (("load_clip", "clip_path"), ("search_scale_init", "scale_path")):
-            if getattr(opts, flag) and not getattr(opts, key):
-                raise ConfigError(f"quant.special.{key}", f"{flag}: True needs {key}")
         if opts.search_scale_init and not opts.let:
             raise ConfigError("quant.special.search_scale_init", "initialises LET scales: set let: True")
         if not config.quant.quant_out:

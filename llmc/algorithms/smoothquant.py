@@ -60,6 +60,10 @@ class SmoothQuant(Algorithm):
     data_driven = True
 
     @classmethod
+    def produces(cls, options: SmoothQuantOptions) -> set[str]:
+        return {"scales", "shifts"} if options.use_shift else {"scales"}
+
+    @classmethod
     def check(cls, config) -> None:
         opts = SmoothQuantOptions.model_validate(config.quant.special)
         if not 0 <= opts.alpha <= 1:

@@ -40,6 +40,20 @@ def _check_path(key: str, path, download: bool) -> None:
 
 
 def check_config(config: Config) -> None:
+    """Every stage's quant section, then the data sections."""
+    produced: set[str] = set()
+    for i, stage in enumerate(config.stage_configs()):
+        try:
+            produced |= check_quant(stage, produced)
+        except ConfigError as err:
+            if not config.stages:
+                raise
+            key = err.key.replace("quant", f"stages.{i}", 1) if err.key.startswith("quant") else err.key
+            raise ConfigError(key, str(err)[len(err.key) + 2:] if err.key else str(err)) from None
+
+
+def check_quant(config: Config, available: set[str] = frozenset()) -> set[str]:
+    """Checks of one quant section; returns the state kinds its algorithm hands to later stages."""
     import llmc.data  # noqa: F401  (registration)
 
     q = config.quant
@@ -73,8 +87,13 @@ def check_config(config: Config) -> None:
     from llmc.export.state import state_file
 
     for kind, path in options.inputs().items():
-        if path and not state_file(path, kind).is_file():
-            key = "clip_path" if kind == "clips" else "scale_path"
+        if kind in available:  # an earlier stage of this run hands it over in memory
+            continue
+        key = "clip_path" if kind == "clips" else "scale_path"
+        if not path:
+            raise ConfigError(f"quant.special.{key}", f"starting from saved {kind} needs {key} (or an earlier "
+                              f"stage in `stages` that finds {kind})")
+        if not state_file(path, kind).is_file():
             raise ConfigError(f"quant.special.{key}", f"no saved {kind} at '{state_file(path, kind)}' (run the "
                               f"earlier stage with save_{kind[:-1]}: True and {key} pointing here)")
     needs_calib = cls.needs_calibration(*_args(config), options)
@@ -90,6 +109,7 @@ def check_config(config: Config) -> None:
         for name in ev.name:
             DATASETS.get(name, f"{prefix}.name")
         _check_path(f"{prefix}.path", ev.path, ev.download)
+    return cls.produces(options)
 
 
 def _args(config: Config):

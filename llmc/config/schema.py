@@ -188,9 +188,24 @@ class Config(Section):
     model: ModelCfg
     calib: Optional[CalibCfg] = None
     eval: list[EvalCfg] = []
-    quant: QuantCfg
+    quant: Optional[QuantCfg] = None
+    # Beyond LLMC: several quant sections run in order in one process (AWQ → OmniQuant), each handing
+    # its state (scales, clips) to the next in memory.
+    stages: Optional[list[QuantCfg]] = None
     save: SaveCfg = SaveCfg()
     ignored_layers: Optional[IgnoredLayersCfg] = None
+
+    @model_validator(mode="after")
+    def _quant_or_stages(self) -> "Config":
+        if (self.quant is None) == (self.stages is None or not self.stages):
+            raise ValueError("give either quant (one algorithm) or stages (a list of quant sections run in order)")
+        return self
+
+    def stage_configs(self) -> list["Config"]:
+        """One config per stage, each with that stage as its quant section."""
+        if not self.stages:
+            return [self]
+        return [self.model_copy(update={"quant": q, "stages": None}) for q in self.stages]
 
     @field_validator("eval", mode="before")
     @classmethod

@@ -181,6 +181,14 @@ def quant_linears(model: nn.Module) -> Iterator[tuple[str, QuantLinear]]:
             yield name, module
 
 
+def unwrap_quant_linears(model: nn.Module) -> None:
+    """Replace every QuantLinear by a plain nn.Linear holding its float (transformed) weight."""
+    from llmc.models.adapter import set_module
+
+    for name, q in list(quant_linears(model)):
+        set_module(model, name, q.to_linear(fake=False))
+
+
 @contextmanager
 def quant_disabled(model: nn.Module) -> Iterator[None]:
     """Run the model as its transformed float self (eval position `transformed`)."""

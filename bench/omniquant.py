@@ -1,0 +1,52 @@
+"""OmniQuant on SmolLM2-135M (issue: OmniQuant and the AWQ → OmniQuant pipeline): asym g64 weight-only at
+3 and 2 bits from scratch (5 and 20 epochs) and AWQ-initialised (5 epochs), and W6A6 / W4A4 with LWC + LET;
+calibration 128 x 512 tokens of wiki.valid.tokens, PPL on the first 40 x 2048 windows of wiki.test.raw.
+
+    python bench/omniquant.py [--redo] [--only LABEL ...]   # writes bench/results/omniquant_smollm2.{json,md}
+
+Rows run one after another and each is saved when done, so the matrix resumes across sessions.
+"""
+from __future__ import annotations
+
+import argparse
+
+from common import run_table
+
+NAME = "omniquant_smollm2"
+TITLE = ("SmolLM2-135M-Instruct, OmniQuant, calib 128 x 512 wiki.valid.tokens (one sample per step), PPL on "
+         "wiki.test.raw first 40 x 2048, CPU (2 cores), llmc `bench/omniquant.py`")
+W_ONLY = "configs/quantization/methods/OmniQuant/omniq_w_only.yml"
+W_A = "configs/quantization/methods/OmniQuant/omniq_w_a.yml"
+COMB = "configs/quantization/combination/awq_comb_omni/{}/step_{}.yml"
+EVAL = ["eval.num_samples=40", "eval.seq_len=2048", "eval.eval_pos=[fake_quant]"]
+STATE = ["quant.special.scale_path={work}/state", "quant.special.clip_path={work}/state"]
+
+
+def awq_then_omni(setting: str, weight_only: bool) -> list:
+    model = ["model.path={work}/step0/transformed_model"] if weight_only else []
+    return [(COMB.format(setting, "1_awq"), STATE), (COMB.format(setting, "2_omniq"), STATE + model)]
+
+
+ROWS = {}
+for bit in (3, 2):
+    ROWS[f"OmniQuant W{bit} g64, 5 epochs"] = (W_ONLY, [f"quant.weight.bit={bit}", "quant.special.epochs=5"])
+    ROWS[f"AWQ -> OmniQuant W{bit} g64, 5 epochs"] = awq_then_omni(f"w{bit}a16g64", True)
+    ROWS[f"OmniQuant W{bit} g64, 20 epochs"] = (W_ONLY, [f"quant.weight.bit={bit}", "quant.special.epochs=20"])
+for bit, lr, alpha in ((6, 0.005, 0.5), (4, 0.001, 0.75)):
+    ROWS[f"OmniQuant W{bit}A{bit} (LWC+LET), 5 epochs"] = (W_A, [
+        f"quant.weight.bit={bit}", f"quant.act.bit={bit}", "quant.special.epochs=5",
+        f"quant.special.let_lr={lr}", f"quant.special.alpha={alpha}",
+        # the settings of bench/weight_act.py's RTN and SmoothQuant rows
+        "quant.weight.symmetric=True", "quant.act.symmetric=True"])
+
+
+if __name__ == "__main__":
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--redo", action="store_true")
+    parser.add_argument("--only", nargs="*")
+    a = parser.parse_args()
+    run_table(NAME, TITLE, ROWS, EVAL, a.redo, a.only)

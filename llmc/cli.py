@@ -17,6 +17,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--results", default=None, help="write results.json here instead of the output folder")
     p.add_argument("--overwrite", action="store_true", help="allow a non-empty save_path")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate, read only the model's config, print the plan and exit (no weights loaded)")
     return p.parse_args(argv)
 
 
@@ -27,6 +29,12 @@ def main(argv=None) -> int:
         from llmc.run import run
 
         config = load_config(args.config, args.set)
+        if args.dry_run:
+            from llmc.plan import plan
+            from llmc.run import ignored_names
+
+            print(plan(config, ignored_names))
+            return 0
         run(config, device=args.device, config_path=args.config, results_path=args.results, overwrite=args.overwrite)
     except UserError as err:
         logger.remove()

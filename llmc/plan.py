@@ -1,0 +1,60 @@
+"""`--dry-run`: the plan of a run from the config and the checkpoint's config alone (no weights loaded):
+blocks, subsets and the linears each quantizes, ignored layers, bits and groups, calibration tensor
+sizes and a rough peak-memory estimate."""
+from __future__ import annotations
+
+from llmc.config.checks import algorithm_options, check_against_model
+from llmc.config.schema import Config
+from llmc.models import adapter_class, load_hf_config, meta_model, resolve_source
+
+GIB = 1024 ** 3
+
+
+def _describe(spec) -> str:
+    if spec is None:
+        return "float"
+    kind = f"fp8-{spec.bit}" if isinstance(spec.bit, str) else f"int{spec.bit}"
+    gran = f"g{spec.group_size}" if spec.granularity == "per_group" else spec.granularity
+    return f"{kind} {'sym' if spec.symmetric else 'asym'} {gran}{' static' if spec.static else ''}"
+
+
+def plan(config: Config, ignored_names) -> str:
+    hf_config = load_hf_config(resolve_source(config.model.path, config.model.gguf_file))
+    adapter = adapter_class(getattr(hf_config, "model_type", None), config.model.type)(meta_model(hf_config))
+    stages = config.stage_configs()
+    for stage in stages:
+        check_against_model(stage, adapter)
+    ignored = ignored_names(config, adapter)
+    blocks = adapter.block_list()
+    hidden = hf_config.hidden_size
+    lines = [f"model: {config.model.path} ({hf_config.model_type}, {len(blocks)} blocks, hidden {hidden})"]
+    for i, stage in enumerate(stages):
+        cls, _ = algorithm_options(stage)
+        lines.append(f"stage {i}: {cls.name}: weights {_describe(stage.quant.weight)}, "
+                     f"activations {_describe(stage.quant.act)}"
+                     + (f", kv cache int{stage.quant.kvcache.bit} {stage.quant.kvcache.granularity}"
+                        if stage.quant.kvcache else "") + f", quant_out {stage.quant.quant_out}")
+    block_params = sum(p.numel() for p in blocks[0].parameters())
+    lines.append(f"each block: {block_params / 1e6:.1f} M parameters; subsets:")
+    for s in adapter.subsets:
+        lines.append(f"  {', '.join(s.layers)}  <- prev_op {s.prev_op}, loss on {s.inspect or 'the block'}")
+    lines.append(f"ignored (float) linears: {len(ignored)}" + (f": {', '.join(sorted(ignored)[:8])}"
+                                                             + (" ..." if len(ignored) > 8 else "") if ignored else ""))
+    total = sum(p.numel() for p in adapter.model.parameters())
+    bytes_per = 4  # float32 on CPU, the dtype statistics use
+    lines.append(f"model: {total / 1e6:.1f} M parameters, {total * bytes_per / GIB:.2f} GiB in float32")
+    calib = config.calib
+    act = 0
+    if calib is not None:
+        tokens = calib.n_samples * calib.seq_len
+        act = tokens * hidden * bytes_per
+        lines.append(f"calibration: {calib.n_samples} x {calib.seq_len} tokens in batches of "
+                     f"{calib.n_samples if calib.bs == -1 else calib.bs}; one block-input copy "
+                     f"{act / GIB:.2f} GiB (inputs, outputs and captured subset inputs keep a few)")
+    widest = max(getattr(hf_config, "intermediate_size", hidden), hidden)
+    captured = act * (2 + 2 * widest / hidden) if act else 0  # streams + the widest captured subset inputs
+    runtime = 1.0 * GIB  # python, torch and transformers themselves (measured ~1 GiB on CPU)
+    estimate = total * bytes_per + captured + runtime
+    lines.append(f"estimated peak memory: {estimate / GIB:.2f} GiB (weights {total * bytes_per / GIB:.2f} + "
+                 f"activations {captured / GIB:.2f} + runtime ~1)")
+    return "\n".join(lines)

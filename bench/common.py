@@ -28,11 +28,20 @@ def run_llmc(config: str, overrides: list[str], save_path: str | None = None) ->
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
         out = json.loads(results.read_text())
+        out["saved_mb"] = saved_mb(Path(save_path or tmp + "/save"))
     wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", proc.stderr).group(1)
     rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
     out["process_wall_s"] = _seconds(wall)
     out["process_peak_rss_mb"] = rss_kb / 1024
     return out
+
+
+def saved_mb(folder: Path) -> dict:
+    """MB of each entry the run saved (fake_quant_model/, transformed_model/, state files); {} when none."""
+    def size(p: Path) -> int:
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
+
+    return {p.name: size(p) / 2**20 for p in sorted(folder.iterdir())} if folder.is_dir() else {}
 
 
 def _seconds(text: str) -> float:
@@ -76,11 +85,13 @@ def run_row(spec, common: list[str]) -> dict:
         results = [run_llmc(config, common + [o.format(work=work) for o in overrides], f"{work}/step{i}")
                    for i, (config, overrides) in enumerate(steps)]
     last = results[-1]
-    return {"ppl": last["evals"][0]["ppl"],
+    ppl = [e for e in last["evals"] if "ppl" in e]  # lm-eval rows carry metrics, not PPL
+    return {"ppl": ppl[0]["ppl"], "ppl_by_pos": {e["pos"]: e["ppl"] for e in reversed(ppl)},  # first per pos
             "quantize_s": sum(r["timings"].get("quantize", 0.0) for r in results),
             "wall_s": sum(r["process_wall_s"] for r in results),
             "peak_rss_mb": max(r["process_peak_rss_mb"] for r in results),
             "steps_quantize_s": [r["timings"].get("quantize", 0.0) for r in results],
+            "saved_mb": last["saved_mb"],
             "overrides": [o for _, overrides in steps for o in overrides]}
 
 

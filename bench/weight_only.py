@@ -15,7 +15,7 @@ TITLE = ("SmolLM2-135M-Instruct, weight-only asym g64, calib 128 x 512 wiki.vali
 RTN = "configs/quantization/methods/RTN/rtn_w_only.yml"
 GPTQ = "configs/quantization/methods/GPTQ/gptq_w_only.yml"
 AWQ = "configs/quantization/methods/Awq/awq_w_only.yml"
-EVAL = ["eval.num_samples=40", "eval.seq_len=2048", "eval.eval_pos=[fake_quant]"]
+EVAL = ["eval.num_samples=40", "eval.seq_len=2048", "eval.eval_pos=[fake_quant]", "eval.compute_dtype=float32"]
 ROWS = {  # in the order they run: peer comparisons first, the long AWQ rows last
     "AWQ W4 (64 samples)": (AWQ, ["calib.n_samples=64"]),
     "GPTQ W4": (GPTQ, []),

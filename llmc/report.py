@@ -12,12 +12,36 @@ def peak_rss_mb() -> float:
 
 
 def summary_table(evals: list[dict]) -> str:
+    """The PPL table, then (when a run has lm-eval sections) a table of task metrics."""
+    ppl = [e for e in evals if e.get("type", "ppl") == "ppl"]
+    tasks = [e for e in evals if e.get("type") == "lm_eval"]
+    return "\n\n".join(t for t in (_ppl_table(ppl) if ppl else "", _lm_eval_table(tasks) if tasks else "") if t)
+
+
+def _ppl_table(evals: list[dict]) -> str:
     base = {e["dataset"]: e["ppl"] for e in evals if e["pos"] == "pretrain"}
     rows = [("position", "dataset", "PPL", "vs pretrain", "windows x seq_len")]
     for e in evals:
         ref = base.get(e["dataset"])
         delta = "" if ref is None or e["pos"] == "pretrain" else f"{100 * (e['ppl'] / ref - 1):+.2f}%"
         rows.append((e["pos"], e["dataset"], f"{e['ppl']:.4f}", delta, f"{e['windows']} x {e['seq_len']}"))
+    return _grid(rows)
+
+
+def _lm_eval_table(evals: list[dict]) -> str:
+    # Task metrics (accuracies mostly) are compared to pretrain as absolute differences, not ratios.
+    base = {(e["task"], e["metric"]): e["value"] for e in evals if e["pos"] == "pretrain"}
+    rows = [("position", "task", "metric", "value", "± stderr", "vs pretrain", "shots, docs")]
+    for e in evals:
+        ref = base.get((e["task"], e["metric"]))
+        delta = "" if ref is None or e["pos"] == "pretrain" else f"{e['value'] - ref:+.4f}"
+        err = "" if e.get("stderr") is None else f"{e['stderr']:.4f}"
+        rows.append((e["pos"], e["task"], e["metric"], f"{e['value']:.4f}", err, delta,
+                     f"{e.get('num_fewshot')}, {e.get('samples')}"))
+    return _grid(rows)
+
+
+def _grid(rows: list[tuple]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"

@@ -16,7 +16,9 @@ from llmc.data import batch_samples, load_calib_samples, load_eval_text
 from llmc.engine.context import RunContext
 from llmc.engine.pipeline import quantize_blocks
 from llmc.errors import ConfigError, UserError
+from llmc.evaluation.lm_eval import evaluate_tasks
 from llmc.evaluation.ppl import eval_windows, perplexity
+from llmc.export.packing import packed_exports
 from llmc.export.save import save_fake_quant, save_transformed
 from llmc.export.state import architecture_fingerprint, load_state, save_state
 from llmc.models import adapter_class, load_hf_config, load_model, meta_model, pick_device, resolve_source
@@ -51,16 +53,30 @@ def ignored_names(config: Config, adapter) -> set[str]:
     return names
 
 
+def float16_scales(config: Config, stages: list[Config]) -> None:
+    """AutoAWQ and GPTQ checkpoints store float16 scales: find the grids with such scales from the start,
+    so the exported checkpoint computes exactly what the fake-quant model evaluated."""
+    wanted = [k for k in ("save_autoawq", "save_gptq") if getattr(config.save, k)]
+    for stage in stages:
+        weight = stage.quant.weight
+        if wanted and weight is not None and weight.scale_dtype is None:
+            weight.scale_dtype = "float16"
+            logger.info(f"{'/'.join(wanted)}: weight scales rounded to float16 as the format stores them "
+                        "(set quant.weight.scale_dtype to choose otherwise)")
+
+
 def run(config: Config, device: Optional[str] = None, config_path: Optional[str] = None,
         results_path: Optional[str] = None, overwrite: bool = False) -> dict:
     random.seed(config.base.seed)
     torch.manual_seed(config.base.seed)
     ctx = RunContext.from_config(config, pick_device(device))
     stages = config.stage_configs()
+    float16_scales(config, stages)
     hf_config = load_hf_config(resolve_source(config.model.path, config.model.gguf_file))
     adapter_cls = adapter_class(getattr(hf_config, "model_type", None), config.model.type)
     for stage in stages:
         check_against_model(stage, adapter_cls(meta_model(hf_config)))
+    exports = packed_exports(config)  # a format that cannot store the settings refuses now, not after the run
     out = output_dir(config, config_path, overwrite)
     logger.info(f"device {ctx.device}, output {out}")
 
@@ -74,13 +90,17 @@ def run(config: Config, device: Optional[str] = None, config_path: Optional[str]
         for i, ev in enumerate(config.eval):
             if pos not in ev.eval_pos:
                 continue
+            if ev.type == "lm_eval":
+                with ctx.timed(f"eval {pos} lm_eval"), ctx.dtype(ev.compute_dtype):
+                    evals.extend(evaluate_tasks(model, tokenizer, ev, ctx, pos))
+                continue
             for name in ev.name:
                 key = (i, name)
                 if key not in windows_cache:
                     windows_cache[key] = eval_windows(tokenizer, load_eval_text(name, ev.path, ev.download),
                                                       ev.seq_len, ev.num_samples)
                 windows = windows_cache[key]
-                with ctx.timed(f"eval {pos} {name}"):
+                with ctx.timed(f"eval {pos} {name}"), ctx.dtype(ev.compute_dtype):
                     ppl = perplexity(model, adapter, windows, ev.bs, ctx, ev.inference_per_block, f"{pos} {name}")
                 logger.info(f"{pos} {name}: PPL {ppl:.4f} ({windows.shape[0]} x {ev.seq_len})")
                 evals.append({"pos": pos, "dataset": name, "ppl": ppl, "windows": windows.shape[0],
@@ -108,6 +128,9 @@ def run(config: Config, device: Optional[str] = None, config_path: Optional[str]
     if config.save.save_fake:
         with ctx.timed("save fake_quant"):
             save_fake_quant(model, tokenizer, out / "fake_quant_model")
+    for fmt in exports:
+        with ctx.timed(f"save {fmt.folder}"):
+            fmt.save(model, tokenizer, out / fmt.folder, recipe=config.model_dump(mode="json"), key=f"save.{fmt.key}")
 
     results = {"evals": evals, "timings": ctx.timings, "peak_rss_mb": peak_rss_mb(),
                "config": config.model_dump(mode="json"), "state": {k: len(v) for k, v in handed.items()}}

@@ -154,3 +154,14 @@ def test_dynamic_per_token_exact_values(symmetric):
             zero = torch.round(-8 - lo / scale)
             want = (torch.clamp(torch.round(row / scale) + zero, -8, 7) - zero) * scale
         assert torch.allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_scale_dtype_float16_gives_scales_fp16_holds(symmetric):
+    w = torch.randn(16, 64) * torch.logspace(-4, 1, 64)
+    args = QuantArgs(bit=4, symmetric=symmetric, granularity="per_group", group_size=32, scale_dtype="float16",
+                     calib_algo="mse")
+    scale, zero = calibrate(grouped(w, args), args)
+    assert torch.equal(scale, scale.half().float())
+    plain = QuantArgs(bit=4, symmetric=symmetric, granularity="per_group", group_size=32, calib_algo="mse")
+    assert not torch.equal(scale, calibrate(grouped(w, plain), plain)[0])  # the rounding did happen

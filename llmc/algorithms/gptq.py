@@ -30,6 +30,29 @@ class GPTQOptions(Options):
     chunk_num: int = 1
 
 
+def add_gram(total: torch.Tensor, x: torch.Tensor, chunk: int = 192) -> None:
+    """total += xᵀx on its upper block triangle only (the lower is mirrored by `symmetric_gram`): the
+    Hessian is symmetric, so this skips up to half the float32 multiply-adds of the full product."""
+    d = x.shape[1]
+    if d <= chunk:
+        total.addmm_(x.T, x)
+        return
+    for start in range(0, d, chunk):
+        stop = min(start + chunk, d)
+        total[start:stop, start:].addmm_(x[:, start:stop].T, x[:, start:])
+
+
+def symmetric_gram(total: torch.Tensor, chunk: int = 192) -> torch.Tensor:
+    """The full matrix from an `add_gram` accumulator (its strictly-lower blocks were never written)."""
+    d = total.shape[0]
+    if d <= chunk:
+        return total
+    upper = torch.zeros_like(total)
+    for start in range(0, d, chunk):
+        upper[start:start + chunk, start:] = total[start:start + chunk, start:]
+    return torch.triu(upper) + torch.triu(upper, 1).T
+
+
 def inverse_hessian_factor(H: torch.Tensor, percdamp: float, where: str = "") -> torch.Tensor:
     """Upper Cholesky factor of H⁻¹ after dampening; the dampening grows tenfold until it factorises."""
     diag = torch.arange(H.shape[0], device=H.device)
@@ -78,6 +101,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, args: QuantArgs, opts: GPTQO
     Q = torch.zeros_like(W)
     found: list[tuple[torch.Tensor, torch.Tensor]] = []
     current = None
+    if static is not None:  # the static group of each (possibly permuted) column
+        originals = perm.tolist() if perm is not None else range(cols)
+        static_of = [static[0] if args.granularity != "per_group" else static[c // gs] for c in originals]
     for i1 in range(0, cols, opts.blocksize):
         i2 = min(i1 + opts.blocksize, cols)
         W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
@@ -85,8 +111,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, args: QuantArgs, opts: GPTQO
         for i in range(i2 - i1):
             col = i1 + i
             if static is not None:
-                original = perm[col].item() if perm is not None else col
-                current = static[0] if args.granularity != "per_group" else static[original // gs]
+                current = static_of[col]
             elif col % gs == 0:
                 # As the reference: the group's range comes from W, which holds the updates of earlier blocks.
                 current = calibrate(W[:, col:col + gs], args)
@@ -95,7 +120,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, args: QuantArgs, opts: GPTQO
             q = dequantize(quantize(w, current[0], current[1], args), current[0], current[1])
             Q[:, col] = q[:, 0]
             err = (w - q)[:, 0] / Hinv1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i:i + 1, i:]
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
@@ -131,14 +156,14 @@ class GPTQ(Algorithm):
             if name not in sums:
                 sums[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
                 counts[name] = 0
-            sums[name].addmm_(x.T, x)
+            add_gram(sums[name], x)
             counts[name] += x.shape[0]
 
         job.collect(inputs, add)
         out = {}
         for name, total in sums.items():
             n = job.ctx.reduce(torch.tensor(float(counts[name]), device=total.device))
-            out[name] = job.ctx.reduce(total).mul_(2 / n)
+            out[name] = symmetric_gram(job.ctx.reduce(total)).mul_(2 / n)
         return out
 
     def apply(self, job, targets):

@@ -106,6 +106,13 @@ def check_quant(config: Config, available: set[str] = frozenset()) -> set[str]:
         _check_path("calib.path", config.calib.path, config.calib.download)
     for i, ev in enumerate(config.eval):
         prefix = "eval" if len(config.eval) == 1 else f"eval.{i}"
+        if ev.type == "lm_eval":
+            from llmc.evaluation.lm_eval import check_section
+
+            check_section(ev, prefix)
+            continue
+        if ev.tasks:
+            raise ConfigError(f"{prefix}.tasks", f"{ev.tasks} names lm-eval tasks; add type: lm_eval to this section")
         for name in ev.name:
             DATASETS.get(name, f"{prefix}.name")
         _check_path(f"{prefix}.path", ev.path, ev.download)

@@ -54,15 +54,34 @@ class CalibCfg(Section):
 class EvalCfg(Section):
     eval_pos: list[Literal[EVAL_POSITIONS]] = ["pretrain", "fake_quant"]  # type: ignore[valid-type]
     name: list[str] = ["wikitext2"]
-    type: Literal["ppl"] = "ppl"
+    type: Literal["ppl", "lm_eval"] = "ppl"
     download: bool = False
     path: Optional[str] = None
     seq_len: int = Field(2048, ge=2)
     bs: int = Field(1, ge=1)
     num_samples: Optional[int] = Field(None, ge=1)
     inference_per_block: bool = False
+    # The dtype of evaluation forwards; None follows model.compute_dtype. float32 keeps PPL comparable
+    # across runs whose quantization used bfloat16 forwards.
+    compute_dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None
+    # type lm_eval: lm-evaluation-harness tasks on the in-memory model (llmc/evaluation/lm_eval.py).
+    tasks: list[str] = []
+    num_fewshot: Optional[int] = Field(None, ge=0)
+    limit: Optional[Union[int, float]] = Field(None, gt=0)  # documents per task; below 1, a fraction
+    batch_size: Optional[int] = Field(None, ge=1)  # None: bs
+    include_path: Optional[str] = None  # a folder of task YAMLs
 
-    @field_validator("eval_pos", "name", mode="before")
+    @model_validator(mode="before")
+    @classmethod
+    def _lm_eval_spelling(cls, v: Any) -> Any:
+        """`lm-eval`/`harness` mean lm_eval; LLMC-style `name` lists the tasks when `tasks` is absent."""
+        if isinstance(v, dict) and str(v.get("type", "")).lower().replace("-", "_") in ("lm_eval", "harness"):
+            v = {**v, "type": "lm_eval"}
+            if "tasks" not in v and "name" in v:
+                v["tasks"] = v.pop("name")
+        return v
+
+    @field_validator("eval_pos", "name", "tasks", mode="before")
     @classmethod
     def _listify(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
@@ -85,6 +104,9 @@ class QuantSpecCfg(Section):
     mse_norm: float = Field(2.4, gt=0)
     mse_b_num: int = Field(1, ge=1)
     percentile: float = Field(99.99, gt=0, le=100)
+    # Round every scale to this dtype when it is found, so the fake-quant model is exactly what a format
+    # storing such scales computes (AutoAWQ and GPTQ checkpoints store float16 scales).
+    scale_dtype: Optional[Literal["float32", "float16", "bfloat16"]] = None
 
     @field_validator("bit")
     @classmethod
@@ -139,12 +161,19 @@ class QuantCfg(Section):
 class SaveCfg(Section):
     save_trans: bool = False
     save_fake: bool = False
+    # Real quantized checkpoints (llmc/export/): AutoAWQ GEMM, GPTQ v1, compressed-tensors for vLLM / SGLang.
+    save_autoawq: bool = False
+    save_gptq: bool = False
+    save_vllm: bool = False
+    save_sgl: bool = False
     save_path: Optional[str] = None
 
     @model_validator(mode="after")
     def _path(self) -> "SaveCfg":
-        if (self.save_trans or self.save_fake) and not self.save_path:
-            raise ValueError("save_trans/save_fake need save_path")
+        wanted = [k for k in ("save_trans", "save_fake", "save_autoawq", "save_gptq", "save_vllm", "save_sgl")
+                  if getattr(self, k)]
+        if wanted and not self.save_path:
+            raise ValueError(f"{'/'.join(wanted)} need save_path")
         return self
 
 

@@ -53,6 +53,16 @@ class RunContext:
             yield
 
     @contextmanager
+    def dtype(self, name: "str | None") -> Iterator[None]:
+        """Forwards inside run in `name` (None: unchanged)."""
+        saved = self.compute_dtype
+        self.compute_dtype = DTYPES[name] if name else saved
+        try:
+            yield
+        finally:
+            self.compute_dtype = saved
+
+    @contextmanager
     def timed(self, phase: str) -> Iterator[None]:
         start = time.perf_counter()
         try:

@@ -30,6 +30,7 @@ class QuantArgs:
     mse_grid: int = 100
     mse_norm: float = 2.4
     percentile: float = 99.99
+    scale_dtype: Optional[str] = None
 
     @classmethod
     def from_cfg(cls, cfg) -> Optional["QuantArgs"]:
@@ -84,13 +85,21 @@ def qparams_from_range(xmin: torch.Tensor, xmax: torch.Tensor, args: QuantArgs) 
     if args.symmetric or args.is_float:
         absmax = torch.maximum(xmin.abs(), xmax.abs())
         half_range = args.qmax if args.is_float else (args.qmax - args.qmin) / 2
-        scale = (absmax / half_range).clamp(min=eps)
+        scale = _stored((absmax / half_range).clamp(min=eps), args)
         return scale, torch.zeros_like(scale)
     xmin = torch.minimum(xmin, torch.zeros_like(xmin))
     xmax = torch.maximum(xmax, torch.zeros_like(xmax))
-    scale = ((xmax - xmin) / (args.qmax - args.qmin)).clamp(min=eps)
+    scale = _stored(((xmax - xmin) / (args.qmax - args.qmin)).clamp(min=eps), args)
     zero = _round(args.qmin - xmin / scale, args.ste).clamp(args.qmin, args.qmax)
     return scale, zero
+
+
+def _stored(scale: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+    """The scale as a checkpoint with `scale_dtype` scales will hold it (differentiable, for LWC)."""
+    if args.scale_dtype in (None, "float32"):
+        return scale
+    dtype = getattr(torch, args.scale_dtype)
+    return scale.to(dtype).float()
 
 
 def _round(x: torch.Tensor, ste: bool) -> torch.Tensor:

@@ -1,0 +1,147 @@
+"""compressed-tensors checkpoints for vLLM and SGLang (`save_vllm` → `vllm_quant_model/`, `save_sgl` →
+`sgl_quant_model/`, the same format), written through the compressed-tensors package: its
+QuantizationArgs/QuantizationScheme/QuantizationConfig describe the grid, its registered compressors pack
+each layer and ModelCompressor writes the config; transformers loads the folder on CPU through it.
+
+Formats (chosen per llmc setting):
+  pack-quantized   integer weights, no activation quantization: `weight_packed` int32 (codes + 2^(b-1),
+                   packed densely along the input dimension), `weight_scale`, `weight_zero_point` (asym,
+                   packed along outputs), `weight_shape`
+  int-quantized    integer weights with integer activations (W8A8): `weight` int8 codes, `weight_scale`,
+                   `weight_zero_point` (asym); static activations add `input_scale` (`input_zero_point`)
+  float-quantized  fp8 e4m3 weights (with or without fp8 activations): `weight` float8_e4m3fn, `weight_scale`
+The zero-point convention is llmc's own: signed codes and zero points, W = (code - zero) * scale, symmetric
+means zero = 0. Scales are stored in the model's dtype (what loaders allocate), so a float32 model's
+checkpoint dequantizes to exactly its fake-quant weights; this is checked for every layer before writing.
+
+Refused: e5m2, GPTQ act order with moving groups (compressed-tensors dropped g_idx), activation
+granularities other than per_token/per_tensor, integer/float mixes of weights and activations, KV-cache
+quantization, and whatever compressed-tensors' own validation rejects.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from llmc.errors import UserError
+from llmc.export.packing import (PackedFormat, Spec, common_checks, float_linears, group_table, refuse,
+                                 register, write_packed)
+from llmc.quant.fake_linear import quant_linears
+
+FORMAT = "compressed-tensors"
+STRATEGY = {"per_group": "group", "per_channel": "channel", "per_tensor": "tensor", "per_token": "token"}
+
+
+def _ct():
+    try:
+        import compressed_tensors
+    except ImportError:
+        raise UserError("save_vllm/save_sgl write compressed-tensors checkpoints and need the compressed-tensors "
+                        "package: pip install -e '.[export]' (or pip install compressed-tensors)") from None
+    return compressed_tensors
+
+
+def _args(a, dynamic: bool) -> dict:
+    return dict(num_bits=8 if a.is_float else a.bit, type="float" if a.is_float else "int",
+                symmetric=a.symmetric or a.is_float,  # llmc's float grids are symmetric whatever the flag
+                strategy=STRATEGY[a.granularity], group_size=a.group_size if a.granularity == "per_group" else None,
+                dynamic=dynamic)
+
+
+def compression_format(spec: Spec) -> str:
+    if spec.weight.is_float:
+        return "float-quantized"
+    return "int-quantized" if spec.act is not None else "pack-quantized"
+
+
+def scheme_of(spec: Spec, key: str):
+    _ct()
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    try:
+        weights = QuantizationArgs(**_args(spec.weight, dynamic=False))
+        inputs = QuantizationArgs(**_args(spec.act, dynamic=not spec.act.static)) if spec.act else None
+        return QuantizationScheme(targets=["Linear"], weights=weights, input_activations=inputs,
+                                  format=compression_format(spec))
+    except (ValueError, NotImplementedError) as err:  # pydantic's ValidationError is a ValueError
+        refuse(key, FORMAT, f"weight {spec.weight.describe()}" + (f", act {spec.act.describe()}" if spec.act else ""),
+               f"compressed-tensors rejects it ({str(err).splitlines()[0]})")
+
+
+def check(spec: Spec, key: str = "save.save_vllm") -> None:
+    w, a = common_checks(spec, key, FORMAT, weight_only=False), spec.act
+    if w.is_float and w.bit != "e4m3":
+        refuse(key, FORMAT, f"quant.weight.bit={w.bit}", "its fp8 type is e4m3")
+    if spec.g_idx:
+        refuse(key, FORMAT, "GPTQ actorder without static_groups", "compressed-tensors removed g_idx (group act "
+               "order); set quant.special.static_groups: True, or use save_gptq")
+    if a is not None:
+        if a.granularity not in ("per_token", "per_tensor"):
+            refuse(key, FORMAT, f"quant.act.granularity={a.granularity}", "activations are quantized per_token "
+                   "(dynamic) or per_tensor (static or dynamic) by vLLM's compressed-tensors schemes")
+        if a.is_float != w.is_float or (a.is_float and a.bit != "e4m3"):
+            refuse(key, FORMAT, f"quant.act.bit={a.bit} with quant.weight.bit={w.bit}", "weights and activations "
+                   "are both integer (int-quantized) or both fp8 e4m3 (float-quantized)")
+    scheme_of(spec, key)
+
+
+def _qparam(t: torch.Tensor, q) -> torch.Tensor:
+    """llmc's per-row parameter in compressed-tensors' shape: [out, groups], [out, 1] or [1] (per tensor)."""
+    return t.reshape(1) if q.wargs.granularity == "per_tensor" else t.reshape(q.out_features, -1)
+
+
+def compress_layer(name: str, q, scheme, fmt: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    from compressed_tensors.compressors import BaseCompressor
+
+    codes, scale_t, zero_t, g_idx = group_table(q)
+    scale = _qparam(q.w_scale.float().cpu(), q).to(dtype)
+    asym = not scheme.weights.symmetric
+    state = {"weight_scale": scale}
+    if asym:
+        state["weight_zero_point"] = _qparam(q.w_zero.cpu(), q).to(torch.int8)
+    # The weight handed over is llmc's grid itself (codes from int_weight(), the stored scale): the
+    # compressor divides it by the same scale, so it recovers llmc's codes, not codes of its own rounding.
+    scale_e = scale_t.to(dtype)[:, g_idx].float()
+    zero_e = zero_t[:, g_idx]
+    state["weight"] = (codes - zero_e) * scale_e
+    act = q.act_quant
+    if act is not None and act.args.static:
+        state["input_scale"] = act.scale.reshape(1).cpu().to(dtype)
+        if not scheme.input_activations.symmetric:
+            state["input_zero_point"] = act.zero.reshape(1).cpu().to(torch.int8)
+    compressor = BaseCompressor.get_value_from_registry(fmt)
+    packed = compressor.compress(state, scheme)
+    # Dequantizing what will be written must give llmc's grid exactly (in the stored scale's dtype).
+    back = compressor.decompress(dict(packed), scheme)["weight"]
+    expected = (codes.to(dtype) - zero_e.to(dtype)) * scale_e.to(dtype)
+    if back.shape != expected.shape or not torch.equal(back.to(dtype), expected):
+        raise RuntimeError(f"compressed-tensors {_ct().__version__} did not store {name} on llmc's grid")
+    return packed
+
+
+def save(model, tokenizer, path, recipe: Optional[dict] = None, key: str = "save.save_vllm") -> None:
+    _ct()
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+
+    layers = list(quant_linears(model))
+    if not layers:
+        refuse(key, FORMAT, "a model without quantized linears", "nothing to compress")
+    specs = {Spec.of(q) for _, q in layers}
+    for spec in specs:
+        check(spec, key)
+    if len(specs) > 1:
+        refuse(key, FORMAT, "layers quantized with different settings", "llmc writes one config group")
+    spec = specs.pop()
+    scheme, fmt = scheme_of(spec, key), compression_format(spec)
+    dtype = layers[0][1].weight.dtype
+    tensors = {name: compress_layer(name, q, scheme, fmt, dtype) for name, q in layers}
+    config = QuantizationConfig(config_groups={"group_0": scheme}, format=fmt, ignore=float_linears(model),
+                                quantization_status="compressed")
+    write_packed(model, tokenizer, path, tensors, None, recipe, f"compressed-tensors {fmt}",
+                 finish=lambda folder: ModelCompressor(quantization_config=config).update_config(str(folder)))
+
+
+VLLM = register(PackedFormat("save_vllm", "vllm_quant_model", check, save))
+SGL = register(PackedFormat("save_sgl", "sgl_quant_model", check, save))

@@ -53,15 +53,19 @@ def ignored_names(config: Config, adapter) -> set[str]:
     return names
 
 
-def float16_scales(config: Config, stages: list[Config]) -> None:
-    """AutoAWQ and GPTQ checkpoints store float16 scales: find the grids with such scales from the start,
-    so the exported checkpoint computes exactly what the fake-quant model evaluated."""
-    wanted = [k for k in ("save_autoawq", "save_gptq") if getattr(config.save, k)]
+def stored_scales(exports: list, stages: list[Config]) -> None:
+    """Formats that store scales in their own dtype (AutoAWQ and GPTQ: float16) get grids found with such
+    scales from the start, so the exported checkpoint computes exactly what the fake-quant model evaluated."""
+    wanted = {fmt.scale_dtype for fmt in exports if fmt.scale_dtype}
+    if len(wanted) != 1:  # none asked, or formats disagree: leave the config's choice
+        return
+    dtype = wanted.pop()
+    keys = "/".join(fmt.key for fmt in exports if fmt.scale_dtype)
     for stage in stages:
         weight = stage.quant.weight
-        if wanted and weight is not None and weight.scale_dtype is None:
-            weight.scale_dtype = "float16"
-            logger.info(f"{'/'.join(wanted)}: weight scales rounded to float16 as the format stores them "
+        if weight is not None and weight.scale_dtype is None:
+            weight.scale_dtype = dtype
+            logger.info(f"{keys}: weight scales rounded to {dtype} as the format stores them "
                         "(set quant.weight.scale_dtype to choose otherwise)")
 
 
@@ -71,12 +75,12 @@ def run(config: Config, device: Optional[str] = None, config_path: Optional[str]
     torch.manual_seed(config.base.seed)
     ctx = RunContext.from_config(config, pick_device(device))
     stages = config.stage_configs()
-    float16_scales(config, stages)
     hf_config = load_hf_config(resolve_source(config.model.path, config.model.gguf_file))
     adapter_cls = adapter_class(getattr(hf_config, "model_type", None), config.model.type)
     for stage in stages:
         check_against_model(stage, adapter_cls(meta_model(hf_config)))
     exports = packed_exports(config)  # a format that cannot store the settings refuses now, not after the run
+    stored_scales(exports, stages)
     out = output_dir(config, config_path, overwrite)
     logger.info(f"device {ctx.device}, output {out}")
 

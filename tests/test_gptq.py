@@ -102,3 +102,17 @@ def test_gptq_cli_beats_rtn_on_tiny_model(make_config, tmp_path, wiki_files, tin
             logits = load_fake_quant(tmp_path / method / "fake_quant_model")(ids).logits
         err[method] = (logits - ref).pow(2).mean().item()
     assert err["GPTQ"] < 0.8 * err["RTN"]
+
+
+@pytest.mark.parametrize("d", [100, 500, 1536])
+def test_symmetric_gram_accumulation_equals_full_product(d):
+    """The Hessian sum written on its upper block triangle only gives back xᵀx summed over batches."""
+    from llmc.algorithms.gptq import add_gram, symmetric_gram
+
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(64, d, generator=g, dtype=torch.float64) for _ in range(3)]
+    total = torch.zeros(d, d, dtype=torch.float64)
+    for x in batches:
+        add_gram(total, x)
+    full = sum(x.T @ x for x in batches)
+    assert torch.allclose(symmetric_gram(total), full, rtol=0, atol=1e-9)

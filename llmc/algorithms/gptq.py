@@ -30,27 +30,27 @@ class GPTQOptions(Options):
     chunk_num: int = 1
 
 
-def add_gram(total: torch.Tensor, x: torch.Tensor, chunk: int = 192) -> None:
+GRAM_CHUNK = 192  # column block of the symmetric accumulation (fastest measured for 576 and 1536 inputs)
+
+
+def add_gram(total: torch.Tensor, x: torch.Tensor) -> None:
     """total += xᵀx on its upper block triangle only (the lower is mirrored by `symmetric_gram`): the
     Hessian is symmetric, so this skips up to half the float32 multiply-adds of the full product."""
     d = x.shape[1]
-    if d <= chunk:
+    if d <= GRAM_CHUNK:
         total.addmm_(x.T, x)
         return
-    for start in range(0, d, chunk):
-        stop = min(start + chunk, d)
+    for start in range(0, d, GRAM_CHUNK):
+        stop = min(start + GRAM_CHUNK, d)
         total[start:stop, start:].addmm_(x[:, start:stop].T, x[:, start:])
 
 
-def symmetric_gram(total: torch.Tensor, chunk: int = 192) -> torch.Tensor:
-    """The full matrix from an `add_gram` accumulator (its strictly-lower blocks were never written)."""
-    d = total.shape[0]
-    if d <= chunk:
+def symmetric_gram(total: torch.Tensor) -> torch.Tensor:
+    """The full matrix from an `add_gram` accumulator: its upper triangle mirrored (the blocks below the
+    diagonal blocks were never written)."""
+    if total.shape[0] <= GRAM_CHUNK:
         return total
-    upper = torch.zeros_like(total)
-    for start in range(0, d, chunk):
-        upper[start:start + chunk, start:] = total[start:start + chunk, start:]
-    return torch.triu(upper) + torch.triu(upper, 1).T
+    return torch.triu(total) + torch.triu(total, 1).T
 
 
 def inverse_hessian_factor(H: torch.Tensor, percdamp: float, where: str = "") -> torch.Tensor:

@@ -76,4 +76,4 @@ def save(model, tokenizer, path, recipe: Optional[dict] = None, key: str = "save
     write_packed(model, tokenizer, path, tensors, config, recipe, "autoawq-gemm")
 
 
-AUTOAWQ = register(PackedFormat("save_autoawq", "autoawq_quant_model", check, save))
+AUTOAWQ = register(PackedFormat("save_autoawq", "autoawq_quant_model", check, save, scale_dtype="float16"))

@@ -94,4 +94,4 @@ def save(model, tokenizer, path, recipe: Optional[dict] = None, key: str = "save
     write_packed(model, tokenizer, path, tensors, config, recipe, "gptq-v1")
 
 
-GPTQ = register(PackedFormat("save_gptq", "gptq_quant_model", check, save))
+GPTQ = register(PackedFormat("save_gptq", "gptq_quant_model", check, save, scale_dtype="float16"))

@@ -58,6 +58,7 @@ class PackedFormat:
     folder: str                             # written under save_path (LLMC's folder names)
     check: Callable[[Spec, str], None]      # raises ConfigError(key, ...) for what the format cannot store
     save: Callable[..., None]               # save(model, tokenizer, path, recipe=None, key=...)
+    scale_dtype: Optional[str] = None        # the dtype the format stores scales in, when not the model's
 
 
 def register(fmt: PackedFormat) -> PackedFormat:

@@ -97,10 +97,13 @@ def run_row(spec, common: list[str]) -> dict:
 
 def run_table(name: str, title: str, rows_spec: dict, common: list[str], redo: bool = False,
               only: list[str] | None = None) -> dict:
-    """Run every row not yet in bench/results/NAME.json (all with redo; a subset with only), saving after each."""
+    """Run every row not yet in bench/results/NAME.json (all with redo; the exact labels in only), saving after each."""
+    unknown = sorted(set(only or []) - set(rows_spec))
+    if unknown:
+        raise SystemExit(f"--only: unknown row label(s) {unknown}; expected some of {list(rows_spec)}")
     rows = load_rows(name)
     for label, spec in rows_spec.items():
-        if only and not any(o in label for o in only):
+        if only and label not in only:
             continue
         if label in rows and not redo:
             continue

@@ -17,6 +17,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--results", default=None, help="write results.json here instead of the output folder")
     p.add_argument("--overwrite", action="store_true", help="allow a non-empty save_path")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its checkpoint in save_path/.llmc_resume")
     p.add_argument("--dry-run", action="store_true",
                    help="validate, read only the model's config, print the plan and exit (no weights loaded)")
     return p.parse_args(argv)
@@ -35,7 +37,8 @@ def main(argv=None) -> int:
 
             print(plan(config, ignored_names))
             return 0
-        run(config, device=args.device, config_path=args.config, results_path=args.results, overwrite=args.overwrite)
+        run(config, device=args.device, config_path=args.config, results_path=args.results, overwrite=args.overwrite,
+            resume=args.resume)
     except UserError as err:
         logger.remove()
         print(f"llmc: error: {err}", file=sys.stderr)

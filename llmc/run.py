@@ -13,6 +13,8 @@ from loguru import logger
 from llmc.config.checks import algorithm_options, check_against_model
 from llmc.config.schema import Config
 from llmc.data import batch_samples, load_calib_samples, load_eval_text
+from llmc.engine.checkpoint import FOLDER as CHECKPOINT_FOLDER
+from llmc.engine.checkpoint import Checkpoint, config_fingerprint, data_fingerprint, model_fingerprint
 from llmc.engine.context import RunContext
 from llmc.engine.pipeline import quantize_blocks
 from llmc.errors import ConfigError, UserError
@@ -28,13 +30,17 @@ from llmc.quant.quantizer import QuantArgs
 from llmc.report import peak_rss_mb, summary_table, write_results
 
 
-def output_dir(config: Config, config_path: Optional[str], overwrite: bool) -> Path:
+def output_dir(config: Config, config_path: Optional[str], overwrite: bool, resume: bool = False) -> Path:
     if config.save.save_path:
         out = Path(config.save.save_path)
-        if out.exists() and any(out.iterdir()) and not overwrite:
+        if out.exists() and any(out.iterdir()) and not (overwrite or resume):
+            hint = (" It holds an unfinished run's checkpoint: pass --resume to continue it." 
+                    if (out / CHECKPOINT_FOLDER).is_dir() else "")
             raise UserError(f"save.save_path: '{out}' exists and is not empty; pass --overwrite to replace "
-                            "what this run writes there, or choose another save_path")
+                            f"what this run writes there, or choose another save_path.{hint}")
         return out
+    if resume:
+        raise UserError("--resume needs save.save_path: the checkpoint lives in save_path/.llmc_resume")
     stem = Path(config_path).stem if config_path else "run"
     return Path("llmc_runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -70,7 +76,7 @@ def stored_scales(exports: list, stages: list[Config]) -> None:
 
 
 def run(config: Config, device: Optional[str] = None, config_path: Optional[str] = None,
-        results_path: Optional[str] = None, overwrite: bool = False) -> dict:
+        results_path: Optional[str] = None, overwrite: bool = False, resume: bool = False) -> dict:
     random.seed(config.base.seed)
     torch.manual_seed(config.base.seed)
     ctx = RunContext.from_config(config, pick_device(device))
@@ -81,11 +87,16 @@ def run(config: Config, device: Optional[str] = None, config_path: Optional[str]
         check_against_model(stage, adapter_cls(meta_model(hf_config)))
     exports = packed_exports(config)  # a format that cannot store the settings refuses now, not after the run
     stored_scales(exports, stages)
-    out = output_dir(config, config_path, overwrite)
+    out = output_dir(config, config_path, overwrite, resume)
     logger.info(f"device {ctx.device}, output {out}")
+    save = config.save
+    ckpt = Checkpoint.open(out / CHECKPOINT_FOLDER if save.save_path and save.checkpoint else None, resume,
+                           save.keep_checkpoint)
+    ckpt.check("config", config_fingerprint(config.model_dump(mode="json")))
 
     with ctx.timed("load"):
         model, tokenizer = load_model(config.model, ctx.device)
+    ckpt.check("model", model_fingerprint(model, resolve_source(config.model.path, config.model.gguf_file).folder))
     adapter = adapter_cls(model)
     evals: list[dict] = []
     windows_cache: dict = {}
@@ -110,14 +121,22 @@ def run(config: Config, device: Optional[str] = None, config_path: Optional[str]
                 evals.append({"pos": pos, "dataset": name, "ppl": ppl, "windows": windows.shape[0],
                               "seq_len": ev.seq_len})
 
-    evaluate("pretrain")
+    eval_dump = [ev.model_dump(mode="json") for ev in config.eval]
+    done = ckpt.saved_evals(eval_dump)
+    if done is not None:
+        evals.extend(done)
+        logger.info(f"pretrain evaluations restored from the checkpoint ({len(done)})")
+    else:
+        evaluate("pretrain")
+        ckpt.save_evals(eval_dump, evals)
     batches: list = []
     handed: dict[str, dict] = {}  # state earlier stages found, by kind
     original = snapshot_if_needed(model, stages)
     for i, stage in enumerate(stages):
         if i:
             start_next_stage(model, original, stage)
-        state = run_stage(stage, model, adapter, tokenizer, ctx, batches, handed, ignored_names(config, adapter))
+        state = run_stage(stage, model, adapter, tokenizer, ctx, batches, handed, ignored_names(config, adapter),
+                          ckpt, i)
         handed.update(state)
     last = stages[-1]
     with quant_disabled(model):
@@ -141,12 +160,14 @@ def run(config: Config, device: Optional[str] = None, config_path: Optional[str]
     target = Path(results_path) if results_path else out / "results.json"
     write_results(results, target)
     table = summary_table(evals) if evals else "(no evaluation configured)"
+    ckpt.remove()
     logger.info(f"summary ({target}):\n{table}\npeak RSS {results['peak_rss_mb']:.0f} MB")
     print(table)
     return results
 
 
-def run_stage(stage: Config, model, adapter, tokenizer, ctx, batches: list, handed: dict, ignored: set[str]) -> dict:
+def run_stage(stage: Config, model, adapter, tokenizer, ctx, batches: list, handed: dict, ignored: set[str],
+              ckpt: Checkpoint, index: int) -> dict:
     """One algorithm over every block: state it starts from (handed over in memory, else read from its
     files), calibration data (loaded once, shared by the stages), the blockwise pass, state files."""
     algo_cls, options = algorithm_options(stage)
@@ -162,8 +183,10 @@ def run_stage(stage: Config, model, adapter, tokenizer, ctx, batches: list, hand
     if algo_cls.needs_calibration(wargs, aargs, options) and not batches:
         with ctx.timed("calibration data"):
             batches.extend(batch_samples(load_calib_samples(stage.calib, tokenizer), stage.calib.bs))
+        ckpt.check("calibration data", data_fingerprint(batches))
     with ctx.timed("quantize"):
-        state = quantize_blocks(model, adapter, algorithm, batches or None, ignored, ctx, stage.quant.quant_out)
+        state = quantize_blocks(model, adapter, algorithm, batches or None, ignored, ctx, stage.quant.quant_out,
+                                ckpt, index)
     for kind, path in options.outputs().items():
         header = {"method": algo_cls.name, "weight": stage.quant.weight.model_dump() if stage.quant.weight else None,
                   "fingerprint": architecture_fingerprint(model), "folded": True}

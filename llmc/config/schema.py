@@ -167,6 +167,9 @@ class SaveCfg(Section):
     save_vllm: bool = False
     save_sgl: bool = False
     save_path: Optional[str] = None
+    # Resume: progress saved after every block in save_path/.llmc_resume (removed when the run finishes).
+    checkpoint: bool = True
+    keep_checkpoint: bool = False
 
     @model_validator(mode="after")
     def _path(self) -> "SaveCfg":

@@ -10,32 +10,45 @@ from tqdm import tqdm
 
 from llmc.engine.block import BlockJob
 from llmc.engine.capture import BlockInputs, capture_block_inputs
+from llmc.engine.checkpoint import Checkpoint
 from llmc.models.adapter import get_module
 
 
 def quantize_blocks(model, adapter, algorithm, batches: Optional[list[torch.Tensor]], ignored: set[str], ctx,
-                    quant_out: bool) -> dict:
+                    quant_out: bool, checkpoint: Checkpoint = Checkpoint(None), stage: int = 0) -> dict:
     """Run `algorithm` over every decoder block in order, one block on the device at a time.
 
     With quant_out each block is fed the quantized outputs of the one before; an algorithm that trains
     against float targets (`needs_targets`) then gets the float block's outputs on the float stream,
-    which is carried alongside (OmniQuant's fp_inps)."""
+    which is carried alongside (OmniQuant's fp_inps). Each finished block goes to the checkpoint; on
+    resume the blocks it holds are replayed (restored, and run forward to rebuild the next inputs, which
+    costs a forward instead of writing every block's activations to disk)."""
     inputs = capture_block_inputs(model, adapter, batches, ctx) if batches else None
     reference = None  # float-stream inputs, carried only when they differ from inputs.hidden
     state: dict = {}
     blocks = adapter.block_list()
+    resumed = checkpoint.finished(stage)
+    if resumed:
+        logger.info(f"{algorithm.name}: replaying blocks 0-{resumed - 1} from the checkpoint")
     for i in tqdm(range(len(blocks)), desc=f"{algorithm.name} blocks", unit="block"):
         block = ctx.onload(blocks[i])
         job = BlockJob(i, adapter.block_name(i), block, adapter.subsets, inputs, ignored, ctx, adapter.head_dim(),
                        adapter.score_layers)
         targets = job.forward(reference) if inputs is not None and (algorithm.needs_targets or not quant_out) else None
-        for kind, entries in (algorithm.apply(job, targets) or {}).items():
-            state.setdefault(kind, {}).update(entries)
+        if i < resumed:
+            job.block = block = ctx.onload(checkpoint.restore_block(stage, i))
+            if i == resumed - 1:
+                state = checkpoint.restore_stream(stage)["state"]
+        else:
+            for kind, entries in (algorithm.apply(job, targets) or {}).items():
+                state.setdefault(kind, {}).update(entries)
         if inputs is not None:
             inputs.hidden = job.forward() if quant_out else targets
             if quant_out and algorithm.needs_targets:
                 reference = targets
         blocks[i] = ctx.offload(block)
+        if i >= resumed:
+            checkpoint.block_done(stage, i, blocks[i], {"state": state})
     logger.info(f"{algorithm.name}: {len(blocks)} blocks done")
     return state
 

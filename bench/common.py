@@ -16,12 +16,14 @@ RESULTS = ROOT / "bench" / "results"
 DATA = os.environ.get("LLMC_DATA", str(ROOT.parent / "shared" / "data"))
 
 
-def run_llmc(config: str, overrides: list[str], save_path: str | None = None) -> dict:
-    """One llmc run; returns its results.json plus the wall time and peak RSS of the whole process."""
+def run_llmc(config: str, overrides: list[str], save_path: str | None = None, nproc: int = 1) -> dict:
+    """One llmc run (nproc > 1: data parallel under torchrun); returns its results.json plus the wall time
+    and peak RSS (of the largest process) of the whole run."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
     with tempfile.TemporaryDirectory() as tmp:
         results = Path(tmp) / "results.json"
-        cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "llmc", "--config", config, "--results", str(results),
-               "--set", f"save.save_path={save_path or tmp + '/save'}", "--overwrite"]
+        cmd = ["/usr/bin/time", "-v", sys.executable, *launcher, "-m", "llmc", "--config", config,
+               "--results", str(results), "--set", f"save.save_path={save_path or tmp + '/save'}", "--overwrite"]
         for o in overrides:
             cmd += ["--set", o]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "LLMC_DATA": DATA})
@@ -77,13 +79,13 @@ def render(rows: dict, title: str, fp_label: str = "FP") -> str:
 
 
 def run_row(spec, common: list[str]) -> dict:
-    """A row is (config, overrides), or a list of them run in order (AWQ step 1 → OmniQuant step 2): the
-    steps share a work folder, named `{work}` in their overrides; the row reports the last step's PPL, the
-    summed quantize and wall times and the largest peak RSS."""
+    """A row is (config, overrides[, processes]), or a list of them run in order (AWQ step 1 → OmniQuant
+    step 2): the steps share a work folder, named `{work}` in their overrides; the row reports the last
+    step's PPL, the summed quantize and wall times and the largest peak RSS."""
     steps = spec if isinstance(spec, list) else [spec]
     with tempfile.TemporaryDirectory() as work:
-        results = [run_llmc(config, common + [o.format(work=work) for o in overrides], f"{work}/step{i}")
-                   for i, (config, overrides) in enumerate(steps)]
+        results = [run_llmc(step[0], common + [o.format(work=work) for o in step[1]], f"{work}/step{i}",
+                            *step[2:]) for i, step in enumerate(steps)]
     last = results[-1]
     ppl = [e for e in last["evals"] if "ppl" in e]  # lm-eval rows carry metrics, not PPL
     return {"ppl": ppl[0]["ppl"], "ppl_by_pos": {e["pos"]: e["ppl"] for e in reversed(ppl)},  # first per pos
@@ -92,7 +94,7 @@ def run_row(spec, common: list[str]) -> dict:
             "peak_rss_mb": max(r["process_peak_rss_mb"] for r in results),
             "steps_quantize_s": [r["timings"].get("quantize", 0.0) for r in results],
             "saved_mb": last["saved_mb"],
-            "overrides": [o for _, overrides in steps for o in overrides]}
+            "overrides": [o for step in steps for o in step[1]]}
 
 
 def run_table(name: str, title: str, rows_spec: dict, common: list[str], redo: bool = False,

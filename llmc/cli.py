@@ -6,6 +6,7 @@ import sys
 
 from loguru import logger
 
+from llmc.engine import distributed
 from llmc.errors import UserError
 
 
@@ -37,8 +38,11 @@ def main(argv=None) -> int:
 
             print(plan(config, ignored_names))
             return 0
-        run(config, device=args.device, config_path=args.config, results_path=args.results, overwrite=args.overwrite,
-            resume=args.resume)
+        try:
+            run(config, device=args.device, config_path=args.config, results_path=args.results,
+                overwrite=args.overwrite, resume=args.resume)
+        finally:
+            distributed.finish()
     except UserError as err:
         logger.remove()
         print(f"llmc: error: {err}", file=sys.stderr)

@@ -15,6 +15,7 @@ from llmc.config.schema import Config
 from llmc.data import batch_samples, load_calib_samples, load_eval_text
 from llmc.engine.checkpoint import FOLDER as CHECKPOINT_FOLDER
 from llmc.engine.checkpoint import Checkpoint, config_fingerprint, data_fingerprint, model_fingerprint
+from llmc.engine import distributed
 from llmc.engine.context import RunContext
 from llmc.engine.pipeline import quantize_blocks
 from llmc.errors import ConfigError, UserError
@@ -79,19 +80,23 @@ def run(config: Config, device: Optional[str] = None, config_path: Optional[str]
         results_path: Optional[str] = None, overwrite: bool = False, resume: bool = False) -> dict:
     random.seed(config.base.seed)
     torch.manual_seed(config.base.seed)
-    ctx = RunContext.from_config(config, pick_device(device))
+    shard, compute_device = distributed.init(pick_device(device))
+    ctx = RunContext.from_config(config, compute_device, shard)
     stages = config.stage_configs()
+    for stage in stages:
+        if stage.calib is not None:
+            distributed.check_batch_size(stage.calib.bs, shard.world)
     hf_config = load_hf_config(resolve_source(config.model.path, config.model.gguf_file))
     adapter_cls = adapter_class(getattr(hf_config, "model_type", None), config.model.type)
     for stage in stages:
         check_against_model(stage, adapter_cls(meta_model(hf_config)))
     exports = packed_exports(config)  # a format that cannot store the settings refuses now, not after the run
     stored_scales(exports, stages)
-    out = output_dir(config, config_path, overwrite, resume)
-    logger.info(f"device {ctx.device}, output {out}")
+    out = output_dir(config, config_path, overwrite or not ctx.is_main, resume)  # rank 0 decides
+    logger.info(f"device {ctx.device}, output {out}" + (f", {shard.world} processes" if shard.world > 1 else ""))
     save = config.save
     ckpt = Checkpoint.open(out / CHECKPOINT_FOLDER if save.save_path and save.checkpoint else None, resume,
-                           save.keep_checkpoint)
+                           save.keep_checkpoint, writer=ctx.is_main)
     ckpt.check("config", config_fingerprint(config.model_dump(mode="json")))
 
     with ctx.timed("load"):
@@ -102,7 +107,7 @@ def run(config: Config, device: Optional[str] = None, config_path: Optional[str]
     windows_cache: dict = {}
 
     def evaluate(pos: str) -> None:
-        for i, ev in enumerate(config.eval):
+        for i, ev in enumerate(config.eval if ctx.is_main else []):
             if pos not in ev.eval_pos:
                 continue
             if ev.type == "lm_eval":
@@ -144,16 +149,9 @@ def run(config: Config, device: Optional[str] = None, config_path: Optional[str]
     with kv_quantized(model, adapter.attention_modules(), last.quant.kvcache):
         evaluate("fake_quant")
     evaluate("fake_quant_wo_kv")
-
-    if config.save.save_trans:
-        with ctx.timed("save transformed"):
-            save_transformed(model, tokenizer, out / "transformed_model")
-    if config.save.save_fake:
-        with ctx.timed("save fake_quant"):
-            save_fake_quant(model, tokenizer, out / "fake_quant_model")
-    for fmt in exports:
-        with ctx.timed(f"save {fmt.folder}"):
-            fmt.save(model, tokenizer, out / fmt.folder, recipe=config.model_dump(mode="json"), key=f"save.{fmt.key}")
+    if not ctx.is_main:
+        return {}
+    save_outputs(config, exports, model, tokenizer, out, ctx)
 
     results = {"evals": evals, "timings": ctx.timings, "peak_rss_mb": peak_rss_mb(),
                "config": config.model_dump(mode="json"), "state": {k: len(v) for k, v in handed.items()}}
@@ -164,6 +162,18 @@ def run(config: Config, device: Optional[str] = None, config_path: Optional[str]
     logger.info(f"summary ({target}):\n{table}\npeak RSS {results['peak_rss_mb']:.0f} MB")
     print(table)
     return results
+
+
+def save_outputs(config: Config, exports: list, model, tokenizer, out: Path, ctx) -> None:
+    if config.save.save_trans:
+        with ctx.timed("save transformed"):
+            save_transformed(model, tokenizer, out / "transformed_model")
+    if config.save.save_fake:
+        with ctx.timed("save fake_quant"):
+            save_fake_quant(model, tokenizer, out / "fake_quant_model")
+    for fmt in exports:
+        with ctx.timed(f"save {fmt.folder}"):
+            fmt.save(model, tokenizer, out / fmt.folder, recipe=config.model_dump(mode="json"), key=f"save.{fmt.key}")
 
 
 def run_stage(stage: Config, model, adapter, tokenizer, ctx, batches: list, handed: dict, ignored: set[str],
@@ -184,10 +194,11 @@ def run_stage(stage: Config, model, adapter, tokenizer, ctx, batches: list, hand
         with ctx.timed("calibration data"):
             batches.extend(batch_samples(load_calib_samples(stage.calib, tokenizer), stage.calib.bs))
         ckpt.check("calibration data", data_fingerprint(batches))
+    local, token_index = distributed.shard_batches(batches, ctx.shard) if ctx.world_size > 1 else (batches, None)
     with ctx.timed("quantize"):
-        state = quantize_blocks(model, adapter, algorithm, batches or None, ignored, ctx, stage.quant.quant_out,
-                                ckpt, index)
-    for kind, path in options.outputs().items():
+        state = quantize_blocks(model, adapter, algorithm, local or None, ignored, ctx, stage.quant.quant_out,
+                                ckpt, index, token_index)
+    for kind, path in options.outputs().items() if ctx.is_main else ():
         header = {"method": algo_cls.name, "weight": stage.quant.weight.model_dump() if stage.quant.weight else None,
                   "fingerprint": architecture_fingerprint(model), "folded": True}
         target = save_state(path, kind, state.get(kind, {}), header)

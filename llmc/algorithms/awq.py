@@ -8,7 +8,7 @@ of its own subset by s, and losses are summed over every calibration batch befor
 """
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import torch
 from loguru import logger
@@ -96,7 +96,8 @@ class Awq(Algorithm):
                 for name in job.quantized_layers(subset):
                     if name in job.score_layers:
                         continue
-                    clips[job.full_name(name)] = self._clip(job.module(name), feats[subset.input])
+                    clips[job.full_name(name)] = self._clip(job.module(name), feats[subset.input],
+                                                              job.inputs.token_index, job.ctx.reduce)
         qlinears = self.install_all(job)
         for name, q in qlinears.items():
             clip = clips.get(job.full_name(name)) if self._keeps_clips else None
@@ -159,12 +160,14 @@ class Awq(Algorithm):
     def _keeps_clips(self) -> bool:
         return self.wargs.calib_algo == "learnable" or self.options.clip_version == "v2"
 
-    def _clip(self, linear, xs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _clip(self, linear, xs: list[torch.Tensor], token_index: Optional[list[torch.Tensor]] = None,
+              reduce: Callable = lambda t: t) -> tuple[torch.Tensor, torch.Tensor]:
         """Search per-group clip values; apply them to the weight, or (weight `calib_algo: learnable`)
         keep the weight and put them in the quantizer, as the initial range OmniQuant's LWC refines."""
         opts: AwqOptions = self.options
         sym = self.wargs.symmetric if opts.clip_sym is None else opts.clip_sym
-        lo, hi = clip_search(linear.weight.data, xs, self.wargs, sym, opts.clip_grid, opts.max_shrink, opts.clip_tokens)
+        lo, hi = clip_search(linear.weight.data, xs, self.wargs, sym, opts.clip_grid, opts.max_shrink, opts.clip_tokens,
+                             token_index, reduce)
         if not self._keeps_clips:
             w = linear.weight.data
             groups = lo.shape[1]
@@ -175,18 +178,24 @@ class Awq(Algorithm):
 
 @torch.no_grad()
 def clip_search(weight: torch.Tensor, xs: list[torch.Tensor], args: QuantArgs, sym: bool, grid: int = 20,
-                max_shrink: float = 0.5, n_tokens: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+                max_shrink: float = 0.5, n_tokens: int = 512, token_index: Optional[list[torch.Tensor]] = None,
+                reduce: Callable = lambda t: t) -> tuple[torch.Tensor, torch.Tensor]:
     """AutoAWQ's clip search: per output channel and group, [min, max] shrunk by 1 - i/grid (i < max_shrink·grid)
     minimising the group's partial-output error on `n_tokens` sampled tokens. Returns ([out, groups] x 2).
 
     Each group's partial output x_g · w_g is a batched matmul over groups, so the search runs at
-    matmul speed rather than as a broadcast multiply (30x faster on CPU)."""
+    matmul speed rather than as a broadcast multiply (30x faster on CPU). The sampled tokens are every
+    step-th of all calibration tokens by global index, so data-parallel ranks (each holding a share,
+    `token_index`) sample together what one process would, and sum their errors through `reduce`."""
     w = weight.float()
     co, ci = w.shape
     gs = args.group_size if args.granularity == "per_group" else ci
     n_groups = ci // gs
     x = torch.cat([t.reshape(-1, ci) for t in xs]).float().to(w.device)
-    x = x[:: max(1, x.shape[0] // n_tokens)][:n_tokens]
+    index = torch.cat(token_index).to(w.device) if token_index is not None else torch.arange(x.shape[0], device=w.device)
+    step = max(1, int(reduce(torch.tensor(float(x.shape[0]), device=w.device)).item()) // n_tokens)
+    x = x[(index % step == 0) & (index < step * n_tokens)]
+    sampled = reduce(torch.tensor(float(x.shape[0]), device=w.device))
     xg = x.view(-1, n_groups, gs).transpose(0, 1)                      # [G, T, gs]
     chunk = max(1, (1 << 26) // (n_groups * xg.shape[1]))              # bound the [G, T, rows] outputs
     lo_all, hi_all = [], []
@@ -206,7 +215,7 @@ def clip_search(weight: torch.Tensor, xs: list[torch.Tensor], args: QuantArgs, s
             scale, zero = calibrate(flat, args)
             q = dequantize(quantize(flat, scale, zero, args), scale, zero).view_as(wb)
             out = torch.bmm(xg, q.permute(1, 2, 0))
-            err = (out - org_out).pow(2).mean(dim=1).t().unsqueeze(-1)  # [rows, G, 1]
+            err = reduce((out - org_out).pow(2).sum(dim=1)).div_(sampled).t().unsqueeze(-1)  # [rows, G, 1]
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_hi = torch.where(better, hi, best_hi)

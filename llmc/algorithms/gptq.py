@@ -178,8 +178,11 @@ class GPTQ(Algorithm):
             for subset in stage:
                 for name in job.quantized_layers(subset):
                     q = self.install(job, name)
-                    Q, scale, zero, g_idx = gptq_quantize(q.weight.data, H[subset.input], self.wargs, opts,
-                                                          job.full_name(name))
+                    owner = job.ctx.owner(len(installed))  # data-parallel: one rank solves, all receive
+                    found = None
+                    if job.ctx.shard.rank == owner:
+                        found = gptq_quantize(q.weight.data, H[subset.input], self.wargs, opts, job.full_name(name))
+                    Q, scale, zero, g_idx = job.ctx.share(found, owner)
                     q.weight.data.copy_(Q.to(q.weight.dtype))
                     q.set_weight_qparams(scale, zero, g_idx)
                     installed[name] = q

@@ -174,7 +174,8 @@ class OmniQuant(Algorithm):
                         s, z = divisors[subset.input]
                         xs = [(x - z.to(x.dtype)) / s.to(x.dtype) if z is not None else x / s.to(x.dtype) for x in xs]
                     sym = self.wargs.symmetric
-                    c_lo, c_hi = clip_search(weight, xs, self.wargs, sym, opts.clip_grid, opts.max_shrink, opts.clip_tokens)
+                    c_lo, c_hi = clip_search(weight, xs, self.wargs, sym, opts.clip_grid, opts.max_shrink,
+                                             opts.clip_tokens, job.inputs.token_index, job.ctx.reduce)
                     up, low = LearnableClip.factors_from_range(weight, self.wargs, c_lo, c_hi)
                 q.lwc = LearnableClip(rows, self.wargs, up, low, device=weight.device)
                 params += [p for p in q.lwc.parameters()]
@@ -205,14 +206,20 @@ class OmniQuant(Algorithm):
                 loss = nn.functional.mse_loss(out, targets[b].to(ctx.device).float())
                 if aug is not None:
                     loss = loss + nn.functional.mse_loss(out, aug[b].to(ctx.device).float())
-                if not torch.isfinite(loss):
+                finite = torch.isfinite(loss)
+                if ctx.world_size > 1:  # every rank must take the same branch
+                    finite = ctx.reduce(finite.float(), "min") > 0
+                if not finite:
                     self._on_nan(job, epoch, b, params, good)
                     return
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                for p in params:  # data-parallel: every rank steps with the gradient of all ranks' batches
-                    if p.grad is not None:
-                        p.grad = ctx.reduce(p.grad) / ctx.world_size
+                if ctx.world_size > 1:  # the gradient of the whole batch's mean loss: shares weighted by size
+                    rows = torch.tensor(float(h.shape[0]), device=ctx.device)
+                    weight = rows / ctx.reduce(rows)
+                    for p in params:
+                        if p.grad is not None:
+                            p.grad = ctx.reduce(p.grad * weight)
                 optimizer.step()
                 with torch.no_grad():
                     for g, p in zip(good, params):

@@ -104,7 +104,8 @@ class SmoothQuant(Algorithm):
                                                 for n in subset.layers]).amax(0), "max")
             alphas = opts.alphas()
             alpha = alphas[0] if len(alphas) == 1 else self._search_alpha(
-                job, subset, layers, fold, feats[subset.input], x_absmax, w_absmax, shift, alphas)
+                job, subset, layers, fold, feats[subset.input], x_absmax, w_absmax, shift, alphas,
+                (lo[subset.input], hi[subset.input]))
             s = smoothing_scales(x_absmax, w_absmax, alpha)
             full = fold.apply(s, shift)
             for name in subset.layers:
@@ -119,19 +120,29 @@ class SmoothQuant(Algorithm):
         self.calibrate_static_acts(job, qlinears)
         return {k: v for k, v in (("scales", scales), ("shifts", shifts)) if v}
 
-    def _search_alpha(self, job, subset, layers, fold: Fold, xs, x_absmax, w_absmax, shift, alphas) -> float:
+    def _search_alpha(self, job, subset, layers, fold: Fold, xs, x_absmax, w_absmax, shift, alphas,
+                      x_range: tuple[torch.Tensor, torch.Tensor]) -> float:
         """The alpha whose smoothed, quantized subset gives the least inspect-output error. Each linear
         computes Q_a((x - z)/s)·s + z against Q_w(W s)/s, which equals the smoothed quantized linear
-        (up to the bias term z·(W - Q_w(W s)/s) a shift leaves), without re-folding per candidate."""
+        (up to the bias term z·(W - Q_w(W s)/s) a shift leaves), without re-folding per candidate.
+
+        A static per-tensor activation range is known exactly for each candidate from the channel ranges
+        of all the calibration data (min and max of (x - z)/s over channels), so the search quantizes
+        with the range the calibrated model will have; other static granularities are searched with
+        their dynamic counterpart."""
         linears = [job.module(n) for n in layers]
         originals = [lin.weight.data.clone() for lin in linears]
-        act = ActQuantizer(replace(self.aargs, static=False))  # static ranges would need a calibration each
+        exact = self.aargs.static and self.aargs.granularity == "per_tensor" and self.aargs.calib_algo == "minmax"
+        act = ActQuantizer(self.aargs if exact else replace(self.aargs, static=False))
         loss_of = forward_loss(job, subset, xs)
         losses = []
         try:
             for alpha in alphas:
                 full = fold.expand(smoothing_scales(x_absmax, w_absmax, alpha))
                 z = fold.expand(shift) if shift is not None else None
+                if exact:
+                    lo, hi = ((r - (z if z is not None else 0)) / full for r in x_range)
+                    act.set_static(lo.amin().reshape(1, 1), hi.amax().reshape(1, 1))
                 for lin, w in zip(linears, originals):
                     scaled = w * full.view(1, -1).to(w.dtype)
                     lin.weight.data.copy_((fake_quant(scaled, self.wargs) if self.wargs else scaled) / full.view(1, -1))

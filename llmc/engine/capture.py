@@ -4,7 +4,7 @@ block: every block is swapped for a recorder that returns its input unchanged.""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -22,6 +22,7 @@ class BlockInputs:
     hidden: list[torch.Tensor]
     args: list[list[tuple]] = field(default_factory=list)          # [block][batch] extra positionals
     kwargs: list[list[dict[str, Any]]] = field(default_factory=list)  # [block][batch]
+    token_index: Optional[list[torch.Tensor]] = None  # data-parallel: global index of each local token, by batch
 
     def call(self, block_index: int, batch: int) -> tuple[tuple, dict]:
         return self.args[block_index][batch], self.kwargs[block_index][batch]

@@ -93,8 +93,8 @@ class Checkpoint:
     """Per-block progress of one run; `enabled` False makes every method a no-op (no save_path, or
     checkpointing switched off, or a non-writing rank)."""
 
-    def __init__(self, folder: Optional[Path], keep: bool = False):
-        self.folder, self.keep = folder, keep
+    def __init__(self, folder: Optional[Path], keep: bool = False, writer: bool = True):
+        self.folder, self.keep, self.writer = folder, keep, writer  # data-parallel: rank 0 writes, all read
         self.manifest: dict = {"fingerprints": {}, "evals": None}
 
     @property
@@ -102,8 +102,8 @@ class Checkpoint:
         return self.folder is not None
 
     @classmethod
-    def open(cls, folder: Optional[Path], resume: bool, keep: bool = False) -> "Checkpoint":
-        ckpt = cls(folder, keep)
+    def open(cls, folder: Optional[Path], resume: bool, keep: bool = False, writer: bool = True) -> "Checkpoint":
+        ckpt = cls(folder, keep, writer)
         if folder is None:
             if resume:
                 raise UserError("--resume needs save.save_path: the checkpoint lives in save_path/.llmc_resume")
@@ -114,7 +114,7 @@ class Checkpoint:
                 raise UserError(f"--resume: no checkpoint in '{folder}' (nothing to resume; run without --resume)")
             ckpt.manifest = json.loads(manifest.read_text())
             logger.info(f"resuming from the checkpoint in {folder}")
-        elif folder.exists():
+        elif folder.exists() and writer:
             shutil.rmtree(folder)  # a fresh run replaces an old checkpoint (the save_path check came first)
         return ckpt
 
@@ -130,7 +130,8 @@ class Checkpoint:
                             + "\n  ".join(diffs[:10]) + (f"\n  ... {len(diffs) - 10} more" if len(diffs) > 10 else "")
                             + "\nresume with the same inputs, or start afresh without --resume")
         self.manifest["fingerprints"][what] = value
-        self._write_manifest()
+        if self.writer:
+            self._write_manifest()
 
     # ---- evaluations already done ----------------------------------------------------------------
     def saved_evals(self, eval_dump: Any) -> Optional[list]:
@@ -138,7 +139,7 @@ class Checkpoint:
         return e["results"] if e and e["config"] == eval_dump else None
 
     def save_evals(self, eval_dump: Any, results: list) -> None:
-        if self.enabled:
+        if self.enabled and self.writer:
             self.manifest["evals"] = {"config": eval_dump, "results": results}
             self._write_manifest()
 
@@ -152,7 +153,7 @@ class Checkpoint:
 
     def block_done(self, stage: int, index: int, block: nn.Module, stream: dict) -> None:
         """Save finished block `index`, then commit it with `stream` (the state found so far) and the RNG."""
-        if not self.enabled:
+        if not (self.enabled and self.writer):
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         _atomic_save(block, self._block_file(stage, index))
@@ -170,7 +171,7 @@ class Checkpoint:
         return stream
 
     def remove(self) -> None:
-        if self.enabled and not self.keep and self.folder.exists():
+        if self.enabled and self.writer and not self.keep and self.folder.exists():
             shutil.rmtree(self.folder, ignore_errors=True)
             logger.info(f"run finished: removed its checkpoint {self.folder}")
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from loguru import logger
 from torch import nn
 
+from llmc.engine import distributed
 from llmc.models.load import DTYPES
 
 
@@ -21,12 +22,13 @@ class RunContext:
     activations_on: str = "device"          # or "cpu": captured activations kept off the compute device
     offload_device: torch.device = torch.device("cpu")
     timings: dict[str, float] = field(default_factory=dict)
+    shard: distributed.Shard = field(default_factory=distributed.Shard)  # this process among the data-parallel ones
 
     @classmethod
-    def from_config(cls, config, device: torch.device) -> "RunContext":
+    def from_config(cls, config, device: torch.device, shard: Optional[distributed.Shard] = None) -> "RunContext":
         calib = config.calib
         return cls(device=device, compute_dtype=DTYPES[config.model.compute_dtype],
-                   activations_on=calib.activations_on if calib else "device")
+                   activations_on=calib.activations_on if calib else "device", shard=shard or distributed.Shard())
 
     @property
     def activation_device(self) -> torch.device:
@@ -40,11 +42,30 @@ class RunContext:
 
     @property
     def world_size(self) -> int:
-        return 1
+        return self.shard.world
+
+    @property
+    def is_main(self) -> bool:
+        """The process that logs, evaluates and writes."""
+        return self.shard.rank == 0
 
     def reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """Combine a statistic across processes (one process: unchanged). op: sum, max or min."""
-        return tensor
+        return tensor if self.shard.world == 1 else distributed.reduce(tensor, op)
+
+    def owner(self, index: int) -> int:
+        """The rank that computes the index-th expensive solve of a block (round robin)."""
+        return index % self.shard.world
+
+    def share(self, tensors: Optional[tuple], owner: int) -> tuple:
+        """The owner's result (a tuple of tensors or None; other ranks pass None) on every rank, on the
+        device each rank computes on."""
+        if self.shard.world == 1:
+            return tensors
+        mine = self.shard.rank == owner
+        cpu = tuple(t.cpu() if isinstance(t, torch.Tensor) else t for t in tensors) if mine else None
+        got = distributed.broadcast_object(cpu, owner)
+        return tuple(t.to(self.device) if isinstance(t, torch.Tensor) else t for t in got)
 
     @contextmanager
     def autocast(self) -> Iterator[None]:

@@ -15,7 +15,8 @@ from llmc.models.adapter import get_module
 
 
 def quantize_blocks(model, adapter, algorithm, batches: Optional[list[torch.Tensor]], ignored: set[str], ctx,
-                    quant_out: bool, checkpoint: Checkpoint = Checkpoint(None), stage: int = 0) -> dict:
+                    quant_out: bool, checkpoint: Checkpoint = Checkpoint(None), stage: int = 0,
+                    token_index: Optional[list[torch.Tensor]] = None) -> dict:
     """Run `algorithm` over every decoder block in order, one block on the device at a time.
 
     With quant_out each block is fed the quantized outputs of the one before; an algorithm that trains
@@ -24,13 +25,15 @@ def quantize_blocks(model, adapter, algorithm, batches: Optional[list[torch.Tens
     resume the blocks it holds are replayed (restored, and run forward to rebuild the next inputs, which
     costs a forward instead of writing every block's activations to disk)."""
     inputs = capture_block_inputs(model, adapter, batches, ctx) if batches else None
+    if inputs is not None:
+        inputs.token_index = token_index
     reference = None  # float-stream inputs, carried only when they differ from inputs.hidden
     state: dict = {}
     blocks = adapter.block_list()
     resumed = checkpoint.finished(stage)
     if resumed:
         logger.info(f"{algorithm.name}: replaying blocks 0-{resumed - 1} from the checkpoint")
-    for i in tqdm(range(len(blocks)), desc=f"{algorithm.name} blocks", unit="block"):
+    for i in tqdm(range(len(blocks)), desc=f"{algorithm.name} blocks", unit="block", disable=not ctx.is_main):
         block = ctx.onload(blocks[i])
         job = BlockJob(i, adapter.block_name(i), block, adapter.subsets, inputs, ignored, ctx, adapter.head_dim(),
                        adapter.score_layers)

@@ -1,0 +1,92 @@
+"""Data-parallel calibration: two CPU processes (gloo, launched by torchrun) give the one-process result."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from llmc.cli import main
+
+W3 = {"bit": 3, "symmetric": False, "granularity": "per_group", "group_size": 32}
+W8 = {"bit": 8, "symmetric": True, "granularity": "per_channel", "group_size": -1}
+A8 = {"bit": 8, "symmetric": True, "granularity": "per_tensor", "static": True}
+CASES = {
+    "RTN": ({"method": "RTN", "weight": W3}, 1.0),
+    "GPTQ": ({"method": "GPTQ", "weight": W3, "special": {"actorder": True, "static_groups": True}}, 0.999),
+    "Awq": ({"method": "Awq", "weight": W3, "special": {"trans_version": "v2", "weight_clip": True}}, 0.999),
+    "SmoothQuant": ({"method": "SmoothQuant", "weight": W8, "act": A8, "special": {"alpha_search": True}}, 0.999),
+    "OmniQuant": ({"method": "OmniQuant", "quant_out": True, "weight": {**W3, "calib_algo": "learnable", "ste": True},
+                   "special": {"lwc": True, "let": True, "epochs": 1}}, 0.999),
+}
+
+
+def _config(make_config, wiki_files, tmp_path, name, quant):
+    path = make_config({"calib": {"name": "wikitext2", "path": wiki_files["valid"], "n_samples": 8, "seq_len": 32,
+                                  "bs": 4},
+                        "eval": {"eval_pos": ["fake_quant"]},
+                        "save": {"save_path": str(tmp_path / name), "save_fake": True}}, name=f"{name}.yml")
+    raw = yaml.safe_load(open(path))
+    raw["quant"] = quant
+    Path(path).write_text(yaml.safe_dump(raw))
+    return path
+
+
+def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "llmc",
+           *args]
+    return subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=600)
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted((folder / "fake_quant_model").glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.mark.parametrize("method", list(CASES))
+def test_two_processes_match_one(make_config, wiki_files, tmp_path, method):
+    quant, min_equal = CASES[method]
+    one = _config(make_config, wiki_files, tmp_path, "one", quant)
+    assert main(["--config", one]) == 0
+    two = _config(make_config, wiki_files, tmp_path, "two", quant)
+    proc = torchrun(2, "--config", two)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    assert a.keys() == b.keys()
+    linears = [k for k in a if k.startswith("model.layers.") and a[k].dim() == 2]
+    assert linears
+    # A different integer code moves a weight by a whole grid step; float summation order only by ulps.
+    same = sum(((a[k] - b[k]).abs() <= 1e-3 * a[k].abs().amax(1, keepdim=True)).sum().item() for k in linears)
+    total = sum(a[k].numel() for k in linears)
+    assert same / total >= min_equal, f"{method}: {same / total:.5f} of codes equal"
+    ppl = [json.loads((tmp_path / n / "results.json").read_text())["evals"][0]["ppl"] for n in ("one", "two")]
+    assert ppl[1] == pytest.approx(ppl[0], rel=1e-3)
+
+
+def test_rank_zero_alone_writes_and_logs(make_config, wiki_files, tmp_path):
+    """Through the launcher script, as a user runs it."""
+    cfg = _config(make_config, wiki_files, tmp_path, "two", CASES["GPTQ"][0])
+    script = Path(__file__).resolve().parents[1] / "scripts" / "run_llmc.sh"
+    proc = subprocess.run(["bash", str(script), "--nproc", "2", cfg], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("fake_quant") == 1  # one summary table, from rank 0
+    assert "2 processes" in proc.stderr
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["fake_quant_model", "results.json", "results.md"]
+
+
+def test_batch_smaller_than_the_process_count_is_refused(make_config, wiki_files, tmp_path):
+    cfg = _config(make_config, wiki_files, tmp_path, "two", CASES["GPTQ"][0])
+    proc = torchrun(2, "--config", cfg, "--set", "calib.bs=1")
+    assert proc.returncode != 0
+    assert "calib.bs" in proc.stderr and "expected bs >= 2" in proc.stderr

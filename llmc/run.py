@@ -85,7 +85,7 @@ def run(config: Config, device: Optional[str] = None, config_path: Optional[str]
     stages = config.stage_configs()
     for stage in stages:
         if stage.calib is not None:
-            distributed.check_batch_size(stage.calib.bs, shard.world)
+            distributed.check_batch_size(stage.calib.bs, stage.calib.n_samples, shard.world)
     hf_config = load_hf_config(resolve_source(config.model.path, config.model.gguf_file))
     adapter_cls = adapter_class(getattr(hf_config, "model_type", None), config.model.type)
     for stage in stages:

@@ -49,7 +49,8 @@ def init(device: torch.device) -> tuple[Shard, torch.device]:
     return Shard(rank, world), device
 
 
-def check_batch_size(bs: int, world: int) -> None:
+def check_batch_size(bs: int, n_samples: int, world: int) -> None:
+    bs = n_samples if bs == -1 else min(bs, n_samples)  # -1: all samples in one batch
     if world > 1 and bs < world:
         raise ConfigError("calib.bs", f"{bs} with {world} processes: each process takes a share of every "
                           f"calibration batch; expected bs >= {world} (a multiple of {world} keeps the shares even)")

@@ -17,14 +17,17 @@ from llmc.engine.checkpoint import FOLDER as CHECKPOINT_FOLDER
 from llmc.engine.checkpoint import Checkpoint, config_fingerprint, data_fingerprint, model_fingerprint
 from llmc.engine import distributed
 from llmc.engine.context import RunContext
+from llmc.engine.offload import FOLDER as OFFLOAD_FOLDER
+from llmc.engine.offload import BlockStore, tag_blocks, wants_offload
 from llmc.engine.pipeline import quantize_blocks
 from llmc.errors import ConfigError, UserError
 from llmc.evaluation.lm_eval import evaluate_tasks
 from llmc.evaluation.ppl import eval_windows, perplexity
 from llmc.export.packing import packed_exports
-from llmc.export.save import save_fake_quant, save_transformed
+from llmc.export.save import save_fake_quant, save_streamed, save_transformed
 from llmc.export.state import architecture_fingerprint, load_state, save_state
 from llmc.models import adapter_class, load_hf_config, load_model, meta_model, pick_device, resolve_source
+from llmc.models.load import load_model_streamed
 from llmc.quant.fake_linear import quant_disabled, unwrap_quant_linears
 from llmc.quant.kvcache import kv_quantized
 from llmc.quant.quantizer import QuantArgs
@@ -100,7 +103,7 @@ def run(config: Config, device: Optional[str] = None, config_path: Optional[str]
     ckpt.check("config", config_fingerprint(config.model_dump(mode="json")))
 
     with ctx.timed("load"):
-        model, tokenizer = load_model(config.model, ctx.device)
+        model, tokenizer = load(config, ctx, adapter_cls, out)
     ckpt.check("model", model_fingerprint(model, resolve_source(config.model.path, config.model.gguf_file).folder))
     adapter = adapter_cls(model)
     evals: list[dict] = []
@@ -121,7 +124,8 @@ def run(config: Config, device: Optional[str] = None, config_path: Optional[str]
                                                       ev.seq_len, ev.num_samples)
                 windows = windows_cache[key]
                 with ctx.timed(f"eval {pos} {name}"), ctx.dtype(ev.compute_dtype):
-                    ppl = perplexity(model, adapter, windows, ev.bs, ctx, ev.inference_per_block, f"{pos} {name}")
+                    per_block = ev.inference_per_block or ctx.store is not None  # streamed: blocks from disk
+                    ppl = perplexity(model, adapter, windows, ev.bs, ctx, per_block, f"{pos} {name}")
                 logger.info(f"{pos} {name}: PPL {ppl:.4f} ({windows.shape[0]} x {ev.seq_len})")
                 evals.append({"pos": pos, "dataset": name, "ppl": ppl, "windows": windows.shape[0],
                               "seq_len": ev.seq_len})
@@ -151,7 +155,9 @@ def run(config: Config, device: Optional[str] = None, config_path: Optional[str]
     evaluate("fake_quant_wo_kv")
     if not ctx.is_main:
         return {}
-    save_outputs(config, exports, model, tokenizer, out, ctx)
+    save_outputs(config, exports, model, adapter, tokenizer, out, ctx)
+    if ctx.store is not None:
+        ctx.store.remove()
 
     results = {"evals": evals, "timings": ctx.timings, "peak_rss_mb": peak_rss_mb(),
                "config": config.model_dump(mode="json"), "state": {k: len(v) for k, v in handed.items()}}
@@ -164,13 +170,28 @@ def run(config: Config, device: Optional[str] = None, config_path: Optional[str]
     return results
 
 
-def save_outputs(config: Config, exports: list, model, tokenizer, out: Path, ctx) -> None:
-    if config.save.save_trans:
-        with ctx.timed("save transformed"):
-            save_transformed(model, tokenizer, out / "transformed_model")
-    if config.save.save_fake:
-        with ctx.timed("save fake_quant"):
-            save_fake_quant(model, tokenizer, out / "fake_quant_model")
+def load(config: Config, ctx, adapter_cls, out: Path):
+    """(model, tokenizer): whole in memory, or (model.offload) with its blocks streamed from disk."""
+    source = resolve_source(config.model.path, config.model.gguf_file)
+    if not wants_offload(config.model.offload, None if source.gguf_file else source.folder):
+        return load_model(config.model, ctx.device)
+    model, tokenizer = load_model_streamed(config.model, adapter_cls.blocks, ctx.device)
+    adapter = adapter_cls(model)
+    tag_blocks(adapter.block_list(), [adapter.block_name(i) for i in range(len(adapter.block_list()))])
+    ctx.store = BlockStore(source.folder, out / OFFLOAD_FOLDER / f"rank{ctx.shard.rank}")
+    return model, tokenizer
+
+
+def save_outputs(config: Config, exports: list, model, adapter, tokenizer, out: Path, ctx) -> None:
+    names = [adapter.block_name(i) for i in range(len(adapter.block_list()))]
+    for key, folder, fake in (("save_trans", "transformed_model", False), ("save_fake", "fake_quant_model", True)):
+        if not getattr(config.save, key):
+            continue
+        with ctx.timed(f"save {folder}"):
+            if ctx.store is not None:
+                save_streamed(model, tokenizer, out / folder, adapter.block_list(), names, ctx, fake)
+            else:
+                (save_fake_quant if fake else save_transformed)(model, tokenizer, out / folder)
     for fmt in exports:
         with ctx.timed(f"save {fmt.folder}"):
             fmt.save(model, tokenizer, out / fmt.folder, recipe=config.model_dump(mode="json"), key=f"save.{fmt.key}")

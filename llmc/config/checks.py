@@ -41,6 +41,7 @@ def _check_path(key: str, path, download: bool) -> None:
 
 def check_config(config: Config) -> None:
     """Every stage's quant section, then the data sections."""
+    _check_offload(config)
     produced: set[str] = set()
     for i, stage in enumerate(config.stage_configs()):
         try:
@@ -117,6 +118,23 @@ def check_quant(config: Config, available: set[str] = frozenset()) -> set[str]:
             DATASETS.get(name, f"{prefix}.name")
         _check_path(f"{prefix}.path", ev.path, ev.download)
     return cls.produces(options)
+
+
+def _check_offload(config: Config) -> None:
+    """What streaming blocks from disk does not cover yet is refused before any work."""
+    mode = config.model.offload
+    if mode == "none":
+        return
+    if config.stages:
+        raise ConfigError("model.offload", f"{mode}: `stages` (several algorithms in one process) need the whole "
+                          "model in memory between stages; run the stages as separate configs with save_trans")
+    if any(ev.type == "lm_eval" for ev in config.eval):
+        raise ConfigError("model.offload", f"{mode}: lm-eval needs the whole model in memory; evaluate the saved "
+                          "model separately, or use PPL evaluation (it runs block by block)")
+    packed = [k for k in ("save_autoawq", "save_gptq", "save_vllm", "save_sgl") if getattr(config.save, k)]
+    if packed:
+        raise ConfigError("model.offload", f"{mode}: {'/'.join(packed)} do not stream yet; save_fake or save_trans "
+                          "stream block by block, and the packed export can be made from the fake-quant model")
 
 
 def _args(config: Config):

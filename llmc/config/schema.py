@@ -29,6 +29,9 @@ class ModelCfg(Section):
     tokenizer_mode: Literal["slow", "fast"] = "fast"
     # The dtype block forwards and learned methods compute in; statistics stay float32 whatever this is.
     compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # disk: decoder blocks stay on disk until their turn (models larger than RAM); auto: when the
+    # checkpoint is larger than the RAM available.
+    offload: Literal["none", "disk", "auto"] = "none"
 
 
 class CalibCfg(Section):

@@ -156,6 +156,9 @@ class Checkpoint:
         if not (self.enabled and self.writer):
             return
         self.folder.mkdir(parents=True, exist_ok=True)
+        for m in block.modules():  # a cached fake-quant weight would double the file
+            if hasattr(m, "drop_cache"):
+                m.drop_cache()
         _atomic_save(block, self._block_file(stage, index))
         _atomic_save({**stream, "rng": _rng_state()}, self._stream_file(stage, index + 1))  # the commit
         if index:

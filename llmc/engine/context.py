@@ -12,6 +12,7 @@ from loguru import logger
 from torch import nn
 
 from llmc.engine import distributed
+from llmc.engine.offload import BlockStore
 from llmc.models.load import DTYPES
 
 
@@ -23,6 +24,7 @@ class RunContext:
     offload_device: torch.device = torch.device("cpu")
     timings: dict[str, float] = field(default_factory=dict)
     shard: distributed.Shard = field(default_factory=distributed.Shard)  # this process among the data-parallel ones
+    store: Optional["BlockStore"] = None  # model.offload: disk: where blocks live off the device
 
     @classmethod
     def from_config(cls, config, device: torch.device, shard: Optional[distributed.Shard] = None) -> "RunContext":
@@ -35,9 +37,14 @@ class RunContext:
         return self.device if self.activations_on == "device" else torch.device("cpu")
 
     def onload(self, module: nn.Module) -> nn.Module:
+        if self.store is not None and self.store.holds(module):
+            return self.store.load(module, self.device)
         return module.to(self.device)
 
-    def offload(self, module: nn.Module) -> nn.Module:
+    def offload(self, module: nn.Module, changed: bool = False) -> nn.Module:
+        """Off the compute device; a streamed block leaves memory (written first if `changed`)."""
+        if self.store is not None and self.store.holds(module):
+            return self.store.store(module, changed)
         return module.to(self.offload_device)
 
     @property

@@ -49,9 +49,9 @@ def quantize_blocks(model, adapter, algorithm, batches: Optional[list[torch.Tens
             inputs.hidden = job.forward() if quant_out else targets
             if quant_out and algorithm.needs_targets:
                 reference = targets
-        blocks[i] = ctx.offload(block)
         if i >= resumed:
-            checkpoint.block_done(stage, i, blocks[i], {"state": state})
+            checkpoint.block_done(stage, i, block, {"state": state})
+        blocks[i] = ctx.offload(block, changed=True)
     logger.info(f"{algorithm.name}: {len(blocks)} blocks done")
     return state
 

@@ -55,5 +55,8 @@ def perplexity(model, adapter, windows: torch.Tensor, bs: int, ctx, per_block: b
                     hidden = get_module(model, adapter.backbone)(input_ids=ids.to(ctx.device), use_cache=False)[0]
             nlls.append(_mean_nll(model, adapter, hidden, ids).cpu())
     finally:
-        model.to(ctx.offload_device)
+        if per_block:
+            ctx.offload(lm_head)
+        else:
+            model.to(ctx.offload_device)
     return math.exp(torch.cat(nlls).mean().item())

@@ -50,17 +50,70 @@ def save_fake_quant(model, tokenizer, path: str | Path) -> None:
     with atomic_dir(path) as tmp, plain_linears(model, fake=True) as swapped:
         _save_hf(model, tokenizer, tmp)
         record, scales = {}, {}
-        for name, q in swapped:
-            entry = {"weight": q.wargs.describe() if q.wargs else None}
-            if q.act_quant is not None:
-                entry["act"] = asdict(q.act_quant.args)
-                if q.act_quant.args.static:
-                    scales[f"{name}.scale"] = q.act_quant.scale.contiguous().cpu()
-                    scales[f"{name}.zero"] = q.act_quant.zero.contiguous().cpu()
-            record[name] = entry
-        (tmp / ACT_RECORD).write_text(json.dumps({"format": "llmc-fake-quant/1", "layers": record}, indent=2))
-        if scales:
-            save_file(scales, str(tmp / ACT_SCALES))
+        _record_acts(swapped, "", record, scales)
+        _write_act_record(tmp, record, scales)
+
+
+def _record_acts(swapped: list[tuple[str, QuantLinear]], prefix: str, record: dict, scales: dict) -> None:
+    for name, q in swapped:
+        name = prefix + name
+        entry = {"weight": q.wargs.describe() if q.wargs else None}
+        if q.act_quant is not None:
+            entry["act"] = asdict(q.act_quant.args)
+            if q.act_quant.args.static:
+                scales[f"{name}.scale"] = q.act_quant.scale.contiguous().cpu()
+                scales[f"{name}.zero"] = q.act_quant.zero.contiguous().cpu()
+        record[name] = entry
+
+
+def _write_act_record(folder: Path, record: dict, scales: dict) -> None:
+    (folder / ACT_RECORD).write_text(json.dumps({"format": "llmc-fake-quant/1", "layers": record}, indent=2))
+    if scales:
+        save_file(scales, str(folder / ACT_SCALES))
+
+
+def save_streamed(model, tokenizer, path: str | Path, blocks: nn.ModuleList, block_names: list[str], ctx,
+                  fake: bool) -> None:
+    """save_transformed (fake=False) or save_fake_quant (fake=True) for a model whose blocks stream from
+    disk: one safetensors shard per block, loaded, written and released in turn, then one for the rest."""
+    with atomic_dir(path) as tmp:
+        files: dict[str, str] = {}
+        record, scales = {}, {}
+        n = len(blocks) + 1
+        total = 0
+
+        def shard(i: int, state: dict[str, torch.Tensor]) -> None:
+            nonlocal total
+            fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / fname),
+                      metadata={"format": "pt"})
+            files.update({k: fname for k in state})
+            total += sum(v.numel() * v.element_size() for v in state.values())
+
+        for i, name in enumerate(block_names):
+            block = ctx.onload(blocks[i])
+            with plain_linears(block, fake) as swapped:
+                shard(i, {f"{name}.{k}": v for k, v in block.state_dict().items()})
+                if fake:
+                    _record_acts(swapped, f"{name}.", record, scales)
+            blocks[i] = ctx.offload(block)
+        inside = tuple(f"{name}." for name in block_names)
+        rest, seen = {}, set()
+        for k, v in model.state_dict(keep_vars=True).items():
+            if k.startswith(inside) or id(v) in seen:  # a tied weight is stored once, as save_pretrained does
+                continue
+            seen.add(id(v))
+            rest[k] = v
+        shard(len(blocks), rest)
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(files.items()))}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if fake:
+            _write_act_record(tmp, record, scales)
 
 
 def load_fake_quant(path: str | Path, dtype: torch.dtype = torch.float32):

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from accelerate.utils import set_module_tensor_to_device
 from loguru import logger
 
 from llmc.errors import ConfigError
@@ -107,6 +108,40 @@ def load_model(model_cfg, device: torch.device):
     model.config.use_cache = False
     tokenizer = _load_tokenizer(source, model_cfg.tokenizer_mode)
     return model, tokenizer
+
+
+def load_model_streamed(model_cfg, blocks: str, device: torch.device):
+    """Load (model, tokenizer) with the decoder blocks (everything under `blocks`) left on the meta device;
+    embeddings, final norm and head are read from the safetensors shards. The engine fills one block at a
+    time (llmc/engine/offload.py)."""
+    from accelerate import init_empty_weights
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from llmc.engine.offload import tensors_of, weight_map
+
+    source = resolve_source(model_cfg.path, model_cfg.gguf_file)
+    files = weight_map(source.folder)
+    if source.gguf_file or not files:
+        raise ConfigError("model.offload", f"disk: needs an HF folder with safetensors weights to read block by "
+                          f"block; '{source.gguf_file or source.folder}' has none (convert it with save_pretrained)")
+    hf_config = load_hf_config(source)
+    dtype = resolve_dtype(model_cfg.torch_dtype, hf_config, device)
+    logger.info(f"loading {source.folder} as {dtype}, decoder blocks streamed from disk")
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    prefix = blocks + "."
+    for key, t in tensors_of(model).items():
+        if t.is_meta and not key.startswith(prefix) and key in files:
+            with safe_open(str(files[key]), "pt") as f:
+                set_module_tensor_to_device(model, key, "cpu", value=f.get_tensor(key).to(t.dtype))
+    model.tie_weights()
+    missing = [k for k, t in tensors_of(model).items() if t.is_meta and not k.startswith(prefix)]
+    if missing:
+        raise ConfigError("model.path", f"{source.folder}: the checkpoint lacks {missing[:5]}")
+    model.eval().requires_grad_(False)
+    model.config.use_cache = False
+    return model, _load_tokenizer(source, model_cfg.tokenizer_mode)
 
 
 def _load_tokenizer(source: ModelSource, mode: str):

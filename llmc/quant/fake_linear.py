@@ -160,6 +160,10 @@ class QuantLinear(nn.Module):
             x = self.act_quant(x)
         return F.linear(x, self.fake_weight(), self.bias)
 
+    def drop_cache(self) -> None:
+        """Forget the cached fake-quantized weight (the block's tensors are leaving memory)."""
+        self._cache, self._cache_key = None, None
+
     def to_linear(self, fake: bool) -> nn.Linear:
         """A plain nn.Linear with the float or the fake-quantized weight (for saving)."""
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,

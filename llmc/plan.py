@@ -18,6 +18,10 @@ def _describe(spec) -> str:
     return f"{kind} {'sym' if spec.symmetric else 'asym'} {gran}{' static' if spec.static else ''}"
 
 
+def _size(n_bytes: float) -> str:
+    return f"{n_bytes / GIB:.2f} GiB" if n_bytes >= GIB / 10 else f"{n_bytes / 2**20:.1f} MiB"
+
+
 def plan(config: Config, ignored_names) -> str:
     hf_config = load_hf_config(resolve_source(config.model.path, config.model.gguf_file))
     adapter = adapter_class(getattr(hf_config, "model_type", None), config.model.type)(meta_model(hf_config))
@@ -54,7 +58,12 @@ def plan(config: Config, ignored_names) -> str:
     widest = max(getattr(hf_config, "intermediate_size", hidden), hidden)
     captured = act * (2 + 2 * widest / hidden) if act else 0  # streams + the widest captured subset inputs
     runtime = 1.0 * GIB  # python, torch and transformers themselves (measured ~1 GiB on CPU)
-    estimate = total * bytes_per + captured + runtime
-    lines.append(f"estimated peak memory: {estimate / GIB:.2f} GiB (weights {total * bytes_per / GIB:.2f} + "
-                 f"activations {captured / GIB:.2f} + runtime ~1)")
+    resident = total
+    if config.model.offload != "none":  # blocks stream from disk: only one is resident (and the rest)
+        resident = total - (len(blocks) - 1) * block_params
+        lines.append(f"model.offload {config.model.offload}: decoder blocks stream from disk, one resident at a time"
+                     + (" (auto: decided at load time from the RAM available)" if config.model.offload == "auto" else ""))
+    estimate = resident * bytes_per + captured + runtime
+    lines.append(f"estimated peak memory: {estimate / GIB:.2f} GiB (weights {_size(resident * bytes_per)} + "
+                 f"activations {_size(captured)} + runtime ~1 GiB)")
     return "\n".join(lines)

@@ -13,9 +13,9 @@ from loguru import logger
 from llmc.config.checks import algorithm_options, check_against_model
 from llmc.config.schema import Config
 from llmc.data import batch_samples, load_calib_samples, load_eval_text
+from llmc.engine import distributed
 from llmc.engine.checkpoint import FOLDER as CHECKPOINT_FOLDER
 from llmc.engine.checkpoint import Checkpoint, config_fingerprint, data_fingerprint, model_fingerprint
-from llmc.engine import distributed
 from llmc.engine.context import RunContext
 from llmc.engine.offload import FOLDER as OFFLOAD_FOLDER
 from llmc.engine.offload import BlockStore, tag_blocks, wants_offload
@@ -38,7 +38,7 @@ def output_dir(config: Config, config_path: Optional[str], overwrite: bool, resu
     if config.save.save_path:
         out = Path(config.save.save_path)
         if out.exists() and any(out.iterdir()) and not (overwrite or resume):
-            hint = (" It holds an unfinished run's checkpoint: pass --resume to continue it." 
+            hint = (" It holds an unfinished run's checkpoint: pass --resume to continue it."
                     if (out / CHECKPOINT_FOLDER).is_dir() else "")
             raise UserError(f"save.save_path: '{out}' exists and is not empty; pass --overwrite to replace "
                             f"what this run writes there, or choose another save_path.{hint}")
@@ -153,11 +153,12 @@ def run(config: Config, device: Optional[str] = None, config_path: Optional[str]
     with kv_quantized(model, adapter.attention_modules(), last.quant.kvcache):
         evaluate("fake_quant")
     evaluate("fake_quant_wo_kv")
-    if not ctx.is_main:
-        return {}
-    save_outputs(config, exports, model, adapter, tokenizer, out, ctx)
+    if ctx.is_main:
+        save_outputs(config, exports, model, adapter, tokenizer, out, ctx)
     if ctx.store is not None:
         ctx.store.remove()
+    if not ctx.is_main:
+        return {}
 
     results = {"evals": evals, "timings": ctx.timings, "peak_rss_mb": peak_rss_mb(),
                "config": config.model_dump(mode="json"), "state": {k: len(v) for k, v in handed.items()}}

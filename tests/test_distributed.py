@@ -90,3 +90,24 @@ def test_batch_smaller_than_the_process_count_is_refused(make_config, wiki_files
     proc = torchrun(2, "--config", cfg, "--set", "calib.bs=1")
     assert proc.returncode != 0
     assert "calib.bs" in proc.stderr and "expected bs >= 2" in proc.stderr
+
+
+def test_two_processes_resume_a_killed_run(make_config, wiki_files, tmp_path, monkeypatch):
+    """Killed after block 0 in one process, resumed with two: rank 0 writes the checkpoint, both read it."""
+    from test_resume import Crash, _crash_after
+
+    quant, min_equal = CASES["GPTQ"]
+    one = _config(make_config, wiki_files, tmp_path, "one", quant)
+    assert main(["--config", one]) == 0
+    cut = _config(make_config, wiki_files, tmp_path, "cut", quant)
+    with monkeypatch.context() as m:
+        _crash_after(m, 0, 0)
+        with pytest.raises(Crash):
+            main(["--config", cut])
+    proc = torchrun(2, "--config", cut, "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "stage 0: 1 blocks" in proc.stderr
+    assert not (tmp_path / "cut" / ".llmc_resume").exists()
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "cut")
+    same = sum(((a[k] - b[k]).abs() <= 1e-3 * a[k].abs().amax(1, keepdim=True)).sum().item() for k in a if a[k].dim() == 2)
+    assert same / sum(a[k].numel() for k in a if a[k].dim() == 2) >= min_equal

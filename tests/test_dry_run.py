@@ -22,3 +22,16 @@ def test_dry_run_prints_the_plan_without_loading_weights(make_config, capsys, mo
 def test_dry_run_reports_the_same_config_errors(make_config, capsys, changes, key):
     assert main(["--config", make_config(changes), "--dry-run"]) == 2
     assert key in capsys.readouterr().err
+
+
+def test_dry_run_with_offload_estimates_one_resident_block(make_config, capsys):
+    import re
+
+    def estimate(extra):
+        assert main(["--config", make_config(), "--dry-run", *extra]) == 0
+        out = capsys.readouterr().out
+        return float(re.search(r"weights ([\d.]+) MiB", out.split("estimated peak memory")[1]).group(1)), out
+
+    full, _ = estimate([])
+    streamed, out = estimate(["--set", "model.offload=disk"])
+    assert "stream from disk, one resident at a time" in out and streamed < full

@@ -64,7 +64,7 @@ class TrackingContext(RunContext):
             self.max_resident = max(self.max_resident, len(self.resident))
         return module
 
-    def offload(self, module):
+    def offload(self, module, changed=False):
         self.resident.discard(id(module))
         return module
 

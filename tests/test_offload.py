@@ -124,3 +124,19 @@ def test_offload_refuses_what_it_cannot_stream(make_config, wiki_files, tmp_path
     cfg = _config(make_config, wiki_files, tmp_path, "y", empty, METHODS["RTN"], "disk")
     assert main(["--config", cfg]) == 2
     assert "needs an HF folder with safetensors weights" in capsys.readouterr().err
+
+
+def test_streamed_run_resumes_to_the_same_result(make_config, wiki_files, tmp_path, monkeypatch, sharded):
+    from test_resume import Crash, _crash_after
+
+    model_path, _ = sharded
+    full = _config(make_config, wiki_files, tmp_path, "full", model_path, METHODS["GPTQ"], "disk")
+    assert main(["--config", full]) == 0
+    cut = _config(make_config, wiki_files, tmp_path, "cut", model_path, METHODS["GPTQ"], "disk")
+    with monkeypatch.context() as m:
+        _crash_after(m, 0, 1)
+        with pytest.raises(Crash):
+            main(["--config", cut])
+    assert main(["--config", cut, "--resume"]) == 0
+    a, b = _tensors(tmp_path / "full" / "fake_quant_model"), _tensors(tmp_path / "cut" / "fake_quant_model")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

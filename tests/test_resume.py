@@ -118,7 +118,7 @@ def test_sigkill_between_block_file_and_commit(make_config, wiki_files, tmp_path
                           capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr[-2000:]
     folder = tmp_path / "cut" / ".llmc_resume"
-    assert (folder / "stage0-block0001.pt").is_file() and Checkpoint(folder).finished(0) == 1
+    assert (folder / "stage0-block0001.pt").is_file() and Checkpoint.open(folder, resume=True).finished(0) == 1
     assert main(["--config", cut, "--resume"]) == 0
     _assert_same(tmp_path / "full", tmp_path / "cut")
 

@@ -197,7 +197,8 @@ def clip_search(weight: torch.Tensor, xs: list[torch.Tensor], args: QuantArgs, s
     x = x[(index % step == 0) & (index < step * n_tokens)]
     sampled = reduce(torch.tensor(float(x.shape[0]), device=w.device))
     xg = x.view(-1, n_groups, gs).transpose(0, 1)                      # [G, T, gs]
-    chunk = max(1, (1 << 26) // (n_groups * xg.shape[1]))              # bound the [G, T, rows] outputs
+    # Bound the [G, T, rows] outputs; from the global count, so every rank makes the same reductions.
+    chunk = max(1, (1 << 26) // (n_groups * max(1, int(sampled.item()))))
     lo_all, hi_all = [], []
     for o in range(0, co, chunk):
         wb = w[o:o + chunk].view(-1, n_groups, gs)                      # [rows, G, gs]

@@ -96,6 +96,8 @@ class Checkpoint:
     def __init__(self, folder: Optional[Path], keep: bool = False, writer: bool = True):
         self.folder, self.keep, self.writer = folder, keep, writer  # data-parallel: rank 0 writes, all read
         self.manifest: dict = {"fingerprints": {}, "evals": None}
+        self.resumable: dict[int, int] = {}  # stage → blocks committed when the run resumed
+        self.commits: dict[int, dict] = {}
 
     @property
     def enabled(self) -> bool:
@@ -113,7 +115,9 @@ class Checkpoint:
             if not manifest.is_file():
                 raise UserError(f"--resume: no checkpoint in '{folder}' (nothing to resume; run without --resume)")
             ckpt.manifest = json.loads(manifest.read_text())
-            logger.info(f"resuming from the checkpoint in {folder}")
+            ckpt._read_commits()
+            logger.info(f"resuming from the checkpoint in {folder}: " + (", ".join(
+                f"stage {s}: {n} blocks" for s, n in sorted(ckpt.resumable.items())) or "no block finished"))
         elif folder.exists() and writer:
             shutil.rmtree(folder)  # a fresh run replaces an old checkpoint (the save_path check came first)
         return ckpt
@@ -144,12 +148,19 @@ class Checkpoint:
             self._write_manifest()
 
     # ---- blocks ----------------------------------------------------------------------------------
+    def _read_commits(self) -> None:
+        """What each stage had committed when the run resumed (read once, so no process sees a commit
+        the resumed run itself writes later)."""
+        for path in self.folder.glob("stage*-stream-*.pt"):
+            stage, count = int(path.name[5:].split("-", 1)[0]), int(path.stem.rsplit("-", 1)[1])
+            if count > self.resumable.get(stage, 0):
+                self.resumable[stage] = count
+        self.commits = {stage: torch.load(self._stream_file(stage, n), map_location="cpu", weights_only=False)
+                        for stage, n in self.resumable.items()}
+
     def finished(self, stage: int) -> int:
-        """Blocks of `stage` already finished: the newest committed stream file says how many."""
-        if not self.enabled or not self.folder.is_dir():
-            return 0
-        counts = [int(p.stem.rsplit("-", 1)[1]) for p in self.folder.glob(f"stage{stage}-stream-*.pt")]
-        return max(counts, default=0)
+        """Blocks of `stage` finished before this run resumed (0 for a fresh run)."""
+        return self.resumable.get(stage, 0)
 
     def block_done(self, stage: int, index: int, block: nn.Module, stream: dict) -> None:
         """Save finished block `index`, then commit it with `stream` (the state found so far) and the RNG."""
@@ -169,7 +180,7 @@ class Checkpoint:
 
     def restore_stream(self, stage: int) -> dict:
         """What was committed with the last finished block; sets the RNG to where that block left it."""
-        stream = torch.load(self._stream_file(stage, self.finished(stage)), map_location="cpu", weights_only=False)
+        stream = dict(self.commits[stage])
         _set_rng_state(stream.pop("rng"))
         return stream
 

@@ -50,10 +50,17 @@ def init(device: torch.device) -> tuple[Shard, torch.device]:
 
 
 def check_batch_size(bs: int, n_samples: int, world: int) -> None:
+    """Every batch, the last one included, must give each process at least one sample."""
+    if world == 1:
+        return
     bs = n_samples if bs == -1 else min(bs, n_samples)  # -1: all samples in one batch
-    if world > 1 and bs < world:
+    last = n_samples % bs or bs
+    if bs < world:
         raise ConfigError("calib.bs", f"{bs} with {world} processes: each process takes a share of every "
                           f"calibration batch; expected bs >= {world} (a multiple of {world} keeps the shares even)")
+    if last < world:
+        raise ConfigError("calib.n_samples", f"{n_samples} in batches of {bs} leaves a last batch of {last}, "
+                          f"fewer than the {world} processes; expected a multiple of {bs}")
 
 
 def shard_batches(batches: list[torch.Tensor], shard: Shard) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

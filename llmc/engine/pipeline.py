@@ -39,6 +39,7 @@ def quantize_blocks(model, adapter, algorithm, batches: Optional[list[torch.Tens
                        adapter.score_layers)
         targets = job.forward(reference) if inputs is not None and (algorithm.needs_targets or not quant_out) else None
         if i < resumed:
+            ctx.offload(block)  # the float block is done with (a streamed one leaves memory)
             job.block = block = ctx.onload(checkpoint.restore_block(stage, i))
             if i == resumed - 1:
                 state = checkpoint.restore_stream(stage)["state"]

@@ -117,3 +117,15 @@ def run_table(name: str, title: str, rows_spec: dict, common: list[str], redo: b
         save_rows(name, rows, render(rows, title))
     print(render(rows, title))
     return rows
+
+
+def table_main(name: str, title: str, rows_spec: dict, common: list[str]) -> dict:
+    """The command line every row-table bench shares: [--redo] [--only LABEL ...]."""
+    import argparse
+
+    sys.path.insert(0, str(ROOT))
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--redo", action="store_true")
+    parser.add_argument("--only", nargs="*")
+    a = parser.parse_args()
+    return run_table(name, title, rows_spec, common, a.redo, a.only)

@@ -6,9 +6,7 @@ should match the 1-process one (float summation order aside).
 """
 from __future__ import annotations
 
-import argparse
-
-from common import run_table
+from common import table_main
 from weight_only import AWQ, EVAL, GPTQ
 
 NAME = "data_parallel_smollm2"
@@ -23,12 +21,4 @@ ROWS = {
 }
 
 if __name__ == "__main__":
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--redo", action="store_true")
-    parser.add_argument("--only", nargs="*")
-    a = parser.parse_args()
-    run_table(NAME, TITLE, ROWS, EVAL, a.redo, a.only)
+    table_main(NAME, TITLE, ROWS, EVAL)

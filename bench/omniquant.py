@@ -8,9 +8,7 @@ Rows run one after another and each is saved when done, so the matrix resumes ac
 """
 from __future__ import annotations
 
-import argparse
-
-from common import run_table
+from common import table_main
 
 NAME = "omniquant_smollm2"
 TITLE = ("SmolLM2-135M-Instruct, OmniQuant, calib 128 x 512 wiki.valid.tokens (one sample per step), PPL on "
@@ -41,12 +39,4 @@ for bit, lr, alpha in ((6, 0.005, 0.5), (4, 0.001, 0.75)):
 
 
 if __name__ == "__main__":
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--redo", action="store_true")
-    parser.add_argument("--only", nargs="*")
-    a = parser.parse_args()
-    run_table(NAME, TITLE, ROWS, EVAL, a.redo, a.only)
+    table_main(NAME, TITLE, ROWS, EVAL)

@@ -6,9 +6,7 @@ per-channel symmetric weights, per-token dynamic symmetric activations, SmoothQu
 """
 from __future__ import annotations
 
-import argparse
-
-from common import run_table
+from common import table_main
 
 NAME = "weight_act_smollm2"
 TITLE = ("SmolLM2-135M-Instruct, weights per-channel sym, activations per-token dynamic sym, SmoothQuant calib "
@@ -42,12 +40,4 @@ ROWS = {
 
 
 if __name__ == "__main__":
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--redo", action="store_true")
-    parser.add_argument("--only", nargs="*")
-    a = parser.parse_args()
-    run_table(NAME, TITLE, ROWS, EVAL, a.redo, a.only)
+    table_main(NAME, TITLE, ROWS, EVAL)

@@ -5,9 +5,7 @@ of wiki.valid.tokens (wikitext2_gptq windows), PPL on the first 40 x 2048 window
 """
 from __future__ import annotations
 
-import argparse
-
-from common import run_table
+from common import table_main
 
 NAME = "weight_only_smollm2"
 TITLE = ("SmolLM2-135M-Instruct, weight-only asym g64, calib 128 x 512 wiki.valid.tokens, PPL on wiki.test.raw "
@@ -32,12 +30,4 @@ ROWS = {  # in the order they run: peer comparisons first, the long AWQ rows las
 
 
 if __name__ == "__main__":
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--redo", action="store_true")
-    parser.add_argument("--only", nargs="*")
-    a = parser.parse_args()
-    run_table(NAME, TITLE, ROWS, EVAL, a.redo, a.only)
+    table_main(NAME, TITLE, ROWS, EVAL)

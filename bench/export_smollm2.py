@@ -3,7 +3,8 @@ GPTQ and compressed-tensors checkpoints, and RTN W8A8 (per-token dynamic activat
 
 For each checkpoint: unpack it with the format's documented layout (the unpackers of
 tests/test_export_packed.py, independent of llmc's packers) and compare with the fake-quant weights bit
-for bit; load the compressed-tensors folder with transformers on CPU and measure its PPL on the same 40
+for bit; load the compressed-tensors folder with transformers on CPU (weights dequantized; input activations
+quantized by compressed-tensors with the scheme in the checkpoint's config) and measure its PPL on the same 40
 windows as the run's fake-quant PPL; report the checkpoint sizes against the float one.
 
     python bench/export_smollm2.py [--redo]   # writes bench/results/export_smollm2.{json,md}
@@ -72,12 +73,37 @@ def compressed_tensors_check(folder: Path, ref: dict[str, torch.Tensor]) -> tupl
         folder, quantization_config=CompressedTensorsConfig(dequantize=True), dtype=torch.float32).eval()
     weights = {n: m.weight.detach() for n, m in model.named_modules() if n in ref}
     exact = all(torch.equal(weights[n].float(), w.float()) for n, w in ref.items())
+    quantize_input_activations(model, folder, set(ref))
     tokenizer = AutoTokenizer.from_pretrained(folder)
     windows = eval_windows(tokenizer, load_eval_text("wikitext2", f"{DATA}/wikitext2/wiki.test.raw", False), 2048, 40)
     adapter = adapter_class(model.config.model_type, None)(model)
     with torch.no_grad():
         ppl = perplexity(model, adapter, windows, 1, RunContext(), False, "compressed-tensors")
     return exact, ppl
+
+
+def quantize_input_activations(model, folder: Path, linears: set[str]) -> int:
+    """The dequantizing CPU load runs activations in float; put back the checkpoint's own input-activation
+    scheme (as an engine would run it) with compressed-tensors' fake quantization, so a W8A8 reload is
+    compared with W8A8 fake quant. Returns the number of linears hooked."""
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import compute_dynamic_scales_and_zp, fake_quantize
+
+    groups = json.loads((folder / "config.json").read_text())["quantization_config"]["config_groups"].values()
+    schemes = [QuantizationArgs(**g["input_activations"]) for g in groups if g.get("input_activations")]
+    if not schemes:
+        return 0
+    args = schemes[0]
+    if not args.dynamic or len(schemes) > 1:
+        raise SystemExit(f"{folder}: only one dynamic input-activation scheme is handled here, got {schemes}")
+
+    def hook(module, inputs):
+        x = inputs[0]
+        scale, zero = compute_dynamic_scales_and_zp(value=x, args=args, module=module)
+        return (fake_quantize(x=x, scale=scale, zero_point=zero, args=args),) + tuple(inputs[1:])
+
+    hooked = [m.register_forward_pre_hook(hook) for n, m in model.named_modules() if n in linears]
+    return len(hooked)
 
 
 def measure(label: str, config: str, overrides: list[str], work: Path) -> dict:
@@ -106,7 +132,9 @@ def render(rows: dict) -> str:
                           "yes" if f["bit_exact"] else "NO", f"{r['fake_quant_ppl']:.3f}",
                           f"{f['reload_ppl']:.3f} ({f['ppl_vs_fake_pct']:+.3f}%)" if "reload_ppl" in f else ""])
     return ("SmolLM2-135M-Instruct packed exports (`bench/export_smollm2.py`); PPL on wiki.test.raw first 40 x 2048, "
-            "float32 eval; sizes of the .safetensors files (embeddings and lm_head stay float32)\n\n"
+            "float32 eval; sizes of the .safetensors files (embeddings and lm_head stay float32). The reload dequantizes "
+            "the weights (transformers on CPU) and quantizes each linear's input with the checkpoint's own "
+            "input_activations scheme through compressed-tensors, so W8A8 is compared with W8A8\n\n"
             + markdown(["run", "checkpoint", "MB", "float MB", "smaller", "bit-exact vs fake quant",
                         "fake-quant PPL", "reloaded PPL (transformers, CPU)"], table))
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from llmc.quant.fake_linear import ActQuantizer, QuantLinear
-from llmc.quant.quantizer import QuantArgs, calibrate, dequantize, fake_quant, grouped, quantize
+from llmc.quant.quantizer import QuantArgs, calibrate, dequantize, fake_quant, grouped, quant_dequant, quantize
 
 
 def test_symmetric_int4_exact_values():
@@ -165,3 +165,32 @@ def test_scale_dtype_float16_gives_scales_fp16_holds(symmetric):
     assert torch.equal(scale, scale.half().float())
     plain = QuantArgs(bit=4, symmetric=symmetric, granularity="per_group", group_size=32, calib_algo="mse")
     assert not torch.equal(scale, calibrate(grouped(w, plain), plain)[0])  # the rounding did happen
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("x_grad", [True, False])
+def test_fused_straight_through_matches_autograd_of_the_expression(symmetric, x_grad):
+    """OmniQuant trains through quant_dequant: its values and its gradients for x, scale and zero must be
+    those of clamp(round_ste(x / scale) + zero) dequantized, with samples on both sides of the clamp."""
+    torch.manual_seed(0)
+    args = QuantArgs(bit=3, symmetric=symmetric, granularity="per_group", group_size=16, ste=True)
+    x = (torch.randn(8, 16) * 2).requires_grad_(x_grad)
+    scale = (torch.rand(8, 1) * 0.3 + 0.2).requires_grad_()  # small enough that some codes clamp
+    zero = torch.zeros(8, 1) if symmetric else torch.randint(0, 8, (8, 1)).float().requires_grad_()
+    g = torch.randn(8, 16)
+
+    def reference():
+        t = x / scale
+        q = torch.clamp(t + (torch.round(t) - t).detach() + zero, args.qmin, args.qmax)
+        return (q - zero) * scale
+
+    leaves = [v for v in (x, scale, zero) if v.requires_grad]
+    ref = reference()
+    want = torch.autograd.grad(ref, leaves, g)
+    got_out = quant_dequant(x, scale, zero, args)
+    got = torch.autograd.grad(got_out, leaves, g)
+    clamped = (torch.round(x / scale) + zero < args.qmin) | (torch.round(x / scale) + zero > args.qmax)
+    assert clamped.any() and (~clamped).any()
+    torch.testing.assert_close(got_out, ref, rtol=0, atol=1e-6)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmc.quant.quantizer import QuantArgs, calibrate, dequantize, grouped, qparams_from_range, quantize, row_range
+from llmc.quant.quantizer import (QuantArgs, calibrate, dequantize, grouped, qparams_from_range, quant_dequant, quantize,
+                                  row_range)
 
 
 class ActQuantizer(nn.Module):
@@ -34,7 +35,7 @@ class ActQuantizer(nn.Module):
             scale, zero = self.scale, self.zero
         else:
             scale, zero = calibrate(xg.detach(), self.args)
-        return dequantize(quantize(xg.float(), scale, zero, self.args), scale, zero).reshape(x.shape).to(x.dtype)
+        return quant_dequant(xg.float(), scale, zero, self.args).reshape(x.shape).to(x.dtype)
 
     def _observe(self, x: torch.Tensor) -> None:
         xg = grouped(x.detach().float(), self.args)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from llmc.quant.quantizer import QuantArgs, dequantize, grouped, qparams_from_range, quantize, row_range
+from llmc.quant.quantizer import QuantArgs, grouped, qparams_from_range, quant_dequant, row_range
 
 LWC_INIT = 4.0  # OmniQuant's initial logit: factors are sigmoid(p) / sigmoid(LWC_INIT), exactly 1 at init
 
@@ -51,7 +51,7 @@ class LearnableClip(nn.Module):
     def fake_quant(self, weight: torch.Tensor) -> torch.Tensor:
         wg = grouped(weight, self.args).float()
         scale, zero = self.qparams(weight)
-        return dequantize(quantize(wg, scale, zero, self.args), scale, zero).reshape(weight.shape).to(weight.dtype)
+        return quant_dequant(wg, scale, zero, self.args).reshape(weight.shape).to(weight.dtype)
 
     @staticmethod
     def factors_from_range(weight: torch.Tensor, args: QuantArgs, lo: torch.Tensor, hi: torch.Tensor):

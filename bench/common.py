@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -18,12 +19,17 @@ DATA = os.environ.get("LLMC_DATA", str(ROOT.parent / "shared" / "data"))
 
 def run_llmc(config: str, overrides: list[str], save_path: str | None = None, nproc: int = 1) -> dict:
     """One llmc run (nproc > 1: data parallel under torchrun); returns its results.json plus the wall time
-    and peak RSS (of the largest process) of the whole run."""
+    and peak RSS (of the largest process) of the whole run. A save_path holding an interrupted run's
+    checkpoint is resumed (--resume), and the quantize time spent before the interruption is added."""
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    resume = save_path is not None and (Path(save_path) / ".llmc_resume" / "manifest.json").is_file()
     with tempfile.TemporaryDirectory() as tmp:
         results = Path(tmp) / "results.json"
         cmd = ["/usr/bin/time", "-v", sys.executable, *launcher, "-m", "llmc", "--config", config,
-               "--results", str(results), "--set", f"save.save_path={save_path or tmp + '/save'}", "--overwrite"]
+               "--results", str(results), "--set", f"save.save_path={save_path or tmp + '/save'}",
+               "--resume" if resume else "--overwrite"]
+        if resume:
+            print(f"  resuming the interrupted run in {save_path}", flush=True)
         for o in overrides:
             cmd += ["--set", o]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "LLMC_DATA": DATA})
@@ -35,7 +41,14 @@ def run_llmc(config: str, overrides: list[str], save_path: str | None = None, np
     rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
     out["process_wall_s"] = _seconds(wall)
     out["process_peak_rss_mb"] = rss_kb / 1024
+    out["resumed"] = resume
     return out
+
+
+def quantize_seconds(results: dict) -> float:
+    """The run's quantize time, with what an interrupted earlier attempt spent on its finished blocks."""
+    t = results["timings"]
+    return t.get("quantize", 0.0) + t.get("quantize, before resuming", 0.0)
 
 
 def saved_mb(folder: Path) -> dict:
@@ -73,26 +86,43 @@ def render(rows: dict, title: str, fp_label: str = "FP") -> str:
     body = []
     for label, r in rows.items():
         delta = f"{100 * (r['ppl'] / fp - 1):+.2f}%" if fp and not label.startswith(fp_label) else ""
-        body.append([label, f"{r['ppl']:.3f}", delta, f"{r.get('quantize_s', 0):.1f}",
+        body.append([label + (" †" if r.get("resumed") else ""), f"{r['ppl']:.3f}", delta, f"{r.get('quantize_s', 0):.1f}",
                      f"{r.get('wall_s', r.get('seconds', 0)):.0f}", f"{r.get('peak_rss_mb', 0):.0f}"])
-    return f"{title}\n\n" + markdown(["run", "PPL", "vs FP", "quantize s", "process wall s", "peak RSS MB"], body)
+    table = markdown(["run", "PPL", "vs FP", "quantize s", "process wall s", "peak RSS MB"], body)
+    if any(r.get("resumed") for r in rows.values()):
+        table += ("\n\n† interrupted (a session ended) and resumed from its checkpoint: quantize s adds the time "
+                  "the interrupted attempt spent on its committed blocks; wall and RSS are the resumed process's")
+    return f"{title}\n\n{table}"
 
 
-def run_row(spec, common: list[str]) -> dict:
+WORK = ROOT / "bench" / ".work"  # rows in progress (git-ignored): an interrupted row resumes from here
+
+
+def run_row(spec, common: list[str], work: Path) -> dict:
     """A row is (config, overrides[, processes]), or a list of them run in order (AWQ step 1 → OmniQuant
-    step 2): the steps share a work folder, named `{work}` in their overrides; the row reports the last
-    step's PPL, the summed quantize and wall times and the largest peak RSS."""
+    step 2): the steps share the work folder, named `{work}` in their overrides; the row reports the last
+    step's PPL, the summed quantize and wall times and the largest peak RSS. A finished step's results are
+    kept in the work folder and an interrupted one resumes from its checkpoint, so a row longer than a
+    session finishes over several; the folder is removed when the row is done."""
     steps = spec if isinstance(spec, list) else [spec]
-    with tempfile.TemporaryDirectory() as work:
-        results = [run_llmc(step[0], common + [o.format(work=work) for o in step[1]], f"{work}/step{i}",
-                            *step[2:]) for i, step in enumerate(steps)]
+    results = []
+    for i, step in enumerate(steps):
+        done = work / f"step{i}.bench.json"
+        if done.is_file():
+            results.append(json.loads(done.read_text()))
+            continue
+        res = run_llmc(step[0], common + [o.format(work=work) for o in step[1]], f"{work}/step{i}", *step[2:])
+        done.write_text(json.dumps(res))
+        results.append(res)
+    shutil.rmtree(work, ignore_errors=True)
     last = results[-1]
     ppl = [e for e in last["evals"] if "ppl" in e]  # lm-eval rows carry metrics, not PPL
     return {"ppl": ppl[0]["ppl"], "ppl_by_pos": {e["pos"]: e["ppl"] for e in reversed(ppl)},  # first per pos
-            "quantize_s": sum(r["timings"].get("quantize", 0.0) for r in results),
+            "quantize_s": sum(quantize_seconds(r) for r in results),
+            "resumed": any(r.get("resumed") for r in results),
             "wall_s": sum(r["process_wall_s"] for r in results),
             "peak_rss_mb": max(r["process_peak_rss_mb"] for r in results),
-            "steps_quantize_s": [r["timings"].get("quantize", 0.0) for r in results],
+            "steps_quantize_s": [quantize_seconds(r) for r in results],
             "saved_mb": last["saved_mb"],
             "overrides": [o for step in steps for o in step[1]]}
 
@@ -110,7 +140,7 @@ def run_table(name: str, title: str, rows_spec: dict, common: list[str], redo: b
         if label in rows and not redo:
             continue
         print(f"running {label} ...", flush=True)
-        rows[label] = run_row(spec, common)
+        rows[label] = run_row(spec, common, WORK / name / re.sub(r"[^A-Za-z0-9]+", "_", label).strip("_"))
         ordered = {k: rows[k] for k in rows_spec if k in rows}
         ordered.update({k: v for k, v in rows.items() if k not in ordered})
         rows = ordered

@@ -11,7 +11,7 @@ import argparse
 import os
 from pathlib import Path
 
-from common import load_rows, markdown, run_row, save_rows
+from common import WORK, load_rows, markdown, run_row, save_rows
 
 NAME = "offload_1b"
 RTN = "configs/quantization/methods/RTN/rtn_w_only.yml"
@@ -79,6 +79,7 @@ if __name__ == "__main__":
         if (a.only and label not in a.only) or (label in rows and not a.redo):
             continue
         print(f"running {label} ...", flush=True)
-        rows[label] = run_row((config, overrides + [f"model.path={folder}"]), COMMON)
+        rows[label] = run_row((config, overrides + [f"model.path={folder}"]), COMMON,
+                              WORK / NAME / label.replace(" ", "_"))
         save_rows(NAME, rows, render(rows, size))
     print(render(rows, size))

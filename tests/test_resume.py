@@ -95,6 +95,9 @@ def test_killed_run_resumes_to_the_same_result(make_config, wiki_files, tmp_path
     assert main(["--config", cut]) == 2  # not empty: the error points at --resume
     assert main(["--config", cut, "--resume"]) == 0
     _assert_same(tmp_path / "full", tmp_path / "cut")
+    # the quantize time spent before the crash is reported, not lost (benches sum it with the resumed run's)
+    timings = json.loads((tmp_path / "cut" / "results.json").read_text())["timings"]
+    assert 0 < timings["quantize, before resuming"] and "quantize" in timings
 
 
 def test_sigkill_between_block_file_and_commit(make_config, wiki_files, tmp_path):

@@ -2,6 +2,7 @@
 produce the next block's inputs."""
 from __future__ import annotations
 
+import time
 from typing import Optional
 
 import torch
@@ -23,7 +24,9 @@ def quantize_blocks(model, adapter, algorithm, batches: Optional[list[torch.Tens
     against float targets (`needs_targets`) then gets the float block's outputs on the float stream,
     which is carried alongside (OmniQuant's fp_inps). Each finished block goes to the checkpoint; on
     resume the blocks it holds are replayed (restored, and run forward to rebuild the next inputs, which
-    costs a forward instead of writing every block's activations to disk)."""
+    costs a forward instead of writing every block's activations to disk). The quantize seconds spent
+    before an interruption travel with the commits and land in ctx.timings["quantize, before resuming"]."""
+    started, earlier = time.perf_counter(), 0.0
     inputs = capture_block_inputs(model, adapter, batches, ctx) if batches else None
     if inputs is not None:
         inputs.token_index = token_index
@@ -42,7 +45,9 @@ def quantize_blocks(model, adapter, algorithm, batches: Optional[list[torch.Tens
             ctx.offload(block)  # the float block is done with (a streamed one leaves memory)
             job.block = block = ctx.onload(checkpoint.restore_block(stage, i))
             if i == resumed - 1:
-                state = checkpoint.restore_stream(stage)["state"]
+                stream = checkpoint.restore_stream(stage)
+                state, earlier = stream["state"], stream.get("seconds", 0.0)
+                ctx.timings["quantize, before resuming"] = ctx.timings.get("quantize, before resuming", 0.0) + earlier
         else:
             for kind, entries in (algorithm.apply(job, targets) or {}).items():
                 state.setdefault(kind, {}).update(entries)
@@ -51,7 +56,7 @@ def quantize_blocks(model, adapter, algorithm, batches: Optional[list[torch.Tens
             if quant_out and algorithm.needs_targets:
                 reference = targets
         if i >= resumed:
-            checkpoint.block_done(stage, i, block, {"state": state})
+            checkpoint.block_done(stage, i, block, {"state": state, "seconds": earlier + time.perf_counter() - started})
         blocks[i] = ctx.offload(block, changed=True)
     logger.info(f"{algorithm.name}: {len(blocks)} blocks done")
     return state

@@ -1,10 +1,11 @@
 """Profile one block of an algorithm on the real model: where its quantization time goes.
 
-    python bench/profile_block.py CONFIG [--block 3] [--set key=value ...] [--top 25]
+    python bench/profile_block.py CONFIG [--block 3] [--set key=value ...] [--profile [--top 25]]
 
 Loads the model and calibration data as a run would, carries the calibration inputs through the float
-blocks before `--block`, then runs the algorithm's transform on that block under torch.profiler and
-prints the wall time and the top operators by self CPU time.
+blocks before `--block`, then runs the algorithm's transform on that block and the engine's forward after it, and prints
+the seconds of each phase: the block forwards the algorithm asks for, its own math, and the forward
+that makes the next block's inputs. With --profile, also the top operators by self CPU time.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ def main() -> None:
     p.add_argument("--block", type=int, default=3)
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--profile", action="store_true", help="also run apply under torch.profiler (slower)")
     a = p.parse_args()
     config = load_config(a.config, a.set)
     ctx = RunContext.from_config(config, pick_device(None))
@@ -53,15 +55,41 @@ def main() -> None:
         inputs.hidden = job(i).forward()
     j = job(a.block)
     targets = j.forward() if algorithm.needs_targets else None
+    spent = {"collect": 0.0, "capture": 0.0, "forward": 0.0}
+    for method in spent:  # time the block forwards the algorithm asks for; the rest of apply is its own math
+        setattr(j, method, timed(getattr(j, method), spent, method))
     start = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    if a.profile:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            algorithm.apply(j, targets)
+    else:
         algorithm.apply(j, targets)
-    wall = time.perf_counter() - start
-    print(f"{algo_cls.name} block {a.block}: {wall:.1f} s wall (under the profiler), "
-          f"{len(batches)} batches x {batches[0].shape[0]} x {batches[0].shape[1]} tokens, "
-          f"compute dtype {config.model.compute_dtype}")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.top))
+    apply_s = time.perf_counter() - start
+    start = time.perf_counter()
+    if config.quant.quant_out:  # the engine's forward that makes the next block's inputs
+        j.forward()
+    next_s = time.perf_counter() - start
+    print(f"{algo_cls.name} block {a.block}: {len(batches)} batches x {batches[0].shape[0]} x {batches[0].shape[1]} "
+          f"tokens, compute dtype {config.model.compute_dtype}{' (under the profiler)' if a.profile else ''}")
+    forwards = sum(spent.values())
+    rows = [("block forwards inside apply (collect / capture / forward)",
+             f"{forwards:.2f} ({spent['collect']:.2f} / {spent['capture']:.2f} / {spent['forward']:.2f})"),
+            ("algorithm math (the rest of apply)", f"{apply_s - forwards:.2f}"),
+            ("quant_out forward (next block's inputs)", f"{next_s:.2f}"),
+            ("block total", f"{apply_s + next_s:.2f}")]
+    print("\n".join(f"| {k} | {v} |" for k, v in [("phase", "seconds"), ("---", "---"), *rows]))
+    if a.profile:
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.top))
 
+
+def timed(fn, spent: dict, key: str):
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            spent[key] += time.perf_counter() - start
+    return wrapper
 
 if __name__ == "__main__":
     main()

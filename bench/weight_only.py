@@ -19,11 +19,8 @@ ROWS = {  # in the order they run: peer comparisons first, the long AWQ rows las
     "GPTQ W4": (GPTQ, []),
     "GPTQ W3": (GPTQ, ["quant.weight.bit=3"]),
     "GPTQ W2": (GPTQ, ["quant.weight.bit=2"]),
-    # Where GPTQ's time goes is block forwards (bench/profile_block.py): these rows show the two cuts,
-    # bfloat16 forwards (Hessians still accumulate in float32) and one Hessian pass per block as
-    # llm-compressor does (true_sequential: False), against the float32 true-sequential default.
-    "GPTQ W4, bf16 forwards": (GPTQ, ["model.compute_dtype=bfloat16"]),
-    "GPTQ W3, bf16 forwards": (GPTQ, ["quant.weight.bit=3", "model.compute_dtype=bfloat16"]),
+    # llm-compressor's GPTQ collects every Hessian of a block in one pass; true_sequential (the default
+    # here) re-runs the block for each subset so it sees the earlier ones quantized.
     "GPTQ W3, one pass per block": (GPTQ, ["quant.weight.bit=3", "quant.special.true_sequential=False"]),
     "RTN W4": (RTN, []),
     "RTN W3": (RTN, ["quant.weight.bit=3"]),

@@ -90,7 +90,7 @@ def render(rows: dict, title: str, fp_label: str = "FP") -> str:
                      f"{r.get('wall_s', r.get('seconds', 0)):.0f}", f"{r.get('peak_rss_mb', 0):.0f}"])
     table = markdown(["run", "PPL", "vs FP", "quantize s", "process wall s", "peak RSS MB"], body)
     if any(r.get("resumed") for r in rows.values()):
-        table += ("\n\n† interrupted (a session ended) and resumed from its checkpoint: quantize s adds the time "
+        table += ("\n\n† interrupted and resumed from its checkpoint: quantize s adds the time "
                   "the interrupted attempt spent on its committed blocks; wall and RSS are the resumed process's")
     return f"{title}\n\n{table}"
 

@@ -78,8 +78,8 @@ def main() -> None:
     seconds = time.perf_counter() - start
     print(f"oneshot: {seconds:.1f} s", flush=True)
 
-    text = load_eval_text("wikitext2", config.eval[0].path, False)
-    windows = eval_windows(tokenizer, text, 2048, 40)
+    ev = config.eval[0]  # the GPTQ config's own evaluation: wikitext2, 40 x 2048
+    windows = eval_windows(tokenizer, load_eval_text(ev.name[0], ev.path, False), ev.seq_len, ev.num_samples)
     ppl = perplexity(model.float(), windows)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     row = json.dumps({"peer": "llm-compressor 0.14.0.1 GPTQ", "bit": a.bit, "dtype": a.dtype, "ppl": ppl,

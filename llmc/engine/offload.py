@@ -81,7 +81,7 @@ def return_freed_memory_to_the_os(threshold: int = 1 << 20) -> bool:
 
     glibc raises its mmap threshold to the size of each large block it frees (up to 32 MiB), so the
     tensors of one streamed block are later carved from the heap, and the heap keeps the peak of every
-    block it has seen: on a 1B model, 1.9 GB peak RSS where 1.1 GB is live (bench/results/offload_1b.md).
+    block it has seen: on bench/offload.py's 1B model, 1.9 GB peak RSS where 1.1 GB is live.
     A fixed threshold gives each block's memory back when the block is released. False where the C
     library is not glibc."""
     try:

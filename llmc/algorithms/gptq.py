@@ -9,6 +9,7 @@ count so it can be added up across processes.
 """
 from __future__ import annotations
 
+from collections import Counter
 from typing import Optional
 
 import torch
@@ -54,18 +55,22 @@ def symmetric_gram(total: torch.Tensor) -> torch.Tensor:
 
 
 def inverse_hessian_factor(H: torch.Tensor, percdamp: float, where: str = "") -> torch.Tensor:
-    """Upper Cholesky factor of H⁻¹ after dampening; the dampening grows tenfold until it factorises."""
+    """Upper Cholesky factor of H⁻¹ after dampening; the dampening grows tenfold until it factorises.
+    H is left as it was; the factor is computed in place in one copy of it, so at most two n x n
+    matrices are alive (down_proj's is 127 MB on a 1B model)."""
     diag = torch.arange(H.shape[0], device=H.device)
     mean = torch.mean(torch.diag(H))
+    info = torch.empty((), dtype=torch.int32, device=H.device)
     for attempt in range(6):
-        damped = H.clone()
-        damped[diag, diag] += percdamp * mean
-        L, info = torch.linalg.cholesky_ex(damped)
+        F = H.clone()
+        F[diag, diag] += percdamp * mean
+        torch.linalg.cholesky_ex(F, out=(F, info))
         if info == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            torch.cholesky_inverse(F, out=F)
+            torch.linalg.cholesky_ex(F, upper=True, out=(F, info))
             if info == 0:
-                return U
+                return F
+        del F
         logger.warning(f"GPTQ {where}: Cholesky failed with percdamp {percdamp:g}; retrying with {percdamp * 10:g}")
         percdamp *= 10
     raise RuntimeError(f"GPTQ {where}: Hessian not positive definite even with percdamp {percdamp:g}")
@@ -74,9 +79,10 @@ def inverse_hessian_factor(H: torch.Tensor, percdamp: float, where: str = "") ->
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, args: QuantArgs, opts: GPTQOptions, where: str = ""
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Returns (Q, scale, zero, g_idx): Q the dequantized weight; scale/zero one per row of grouped(W)
-    (or [out, groups] with g_idx, when act order permutes the groups)."""
+    (or [out, groups] with g_idx, when act order permutes the groups). H is consumed: it is modified,
+    and released as soon as its factor exists when the caller holds no other reference."""
     W = W.float().clone()
-    H = H.float().clone()
+    H = H.float()
     rows, cols = W.shape
     gs = args.group_size if args.granularity == "per_group" else cols
     dead = torch.diag(H) == 0
@@ -95,8 +101,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, args: QuantArgs, opts: GPTQO
     perm = None
     if opts.actorder:
         perm = torch.argsort(torch.diag(H), descending=True)
-        W, H = W[:, perm], H[perm][:, perm]
+        W, H = W[:, perm], H[perm[:, None], perm]
     Hinv = inverse_hessian_factor(H, opts.percdamp, where)
+    del H
 
     Q = torch.zeros_like(W)
     found: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -175,13 +182,20 @@ class GPTQ(Algorithm):
             if not stage:
                 continue
             H = self.hessians(job, [s.input for s in stage])
+            # each Hessian is handed over (and freed) with the last linear that reads it
+            uses = Counter(s.input for s in stage for _ in job.quantized_layers(s))
             for subset in stage:
                 for name in job.quantized_layers(subset):
                     q = self.install(job, name)
                     owner = job.ctx.owner(len(installed))  # data-parallel: one rank solves, all receive
+                    uses[subset.input] -= 1
+                    last = uses[subset.input] == 0
                     found = None
                     if job.ctx.shard.rank == owner:
-                        found = gptq_quantize(q.weight.data, H[subset.input], self.wargs, opts, job.full_name(name))
+                        found = gptq_quantize(q.weight.data, H.pop(subset.input) if last else H[subset.input].clone(),
+                                              self.wargs, opts, job.full_name(name))
+                    elif last:
+                        del H[subset.input]
                     Q, scale, zero, g_idx = job.ctx.share(found, owner)
                     q.weight.data.copy_(Q.to(q.weight.dtype))
                     q.set_weight_qparams(scale, zero, g_idx)

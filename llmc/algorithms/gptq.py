@@ -47,22 +47,30 @@ def add_gram(total: torch.Tensor, x: torch.Tensor) -> None:
 
 
 def symmetric_gram(total: torch.Tensor) -> torch.Tensor:
-    """The full matrix from an `add_gram` accumulator: its upper triangle mirrored (the blocks below the
-    diagonal blocks were never written)."""
-    if total.shape[0] <= GRAM_CHUNK:
+    """The full matrix from an `add_gram` accumulator, in place: its upper triangle mirrored (the blocks
+    below the diagonal blocks were never written). In place because down_proj's is 127 MB on a 1B model."""
+    d = total.shape[0]
+    if d <= GRAM_CHUNK:
         return total
-    return torch.triu(total) + torch.triu(total, 1).T
+    for start in range(0, d, GRAM_CHUNK):
+        stop = min(start + GRAM_CHUNK, d)
+        diagonal = total[start:stop, start:stop]
+        diagonal.copy_(torch.triu(diagonal) + torch.triu(diagonal, 1).T)
+        total[stop:, start:stop] = total[start:stop, stop:].T
+    return total
 
 
 def inverse_hessian_factor(H: torch.Tensor, percdamp: float, where: str = "") -> torch.Tensor:
     """Upper Cholesky factor of H⁻¹ after dampening; the dampening grows tenfold until it factorises.
-    H is left as it was; the factor is computed in place in one copy of it, so at most two n x n
-    matrices are alive (down_proj's is 127 MB on a 1B model)."""
+    H is left as it was. The factor is computed in one copy of it, worked on in place through its
+    column-major view (LAPACK's layout; a row-major one costs a temporary copy per step), so only two
+    n x n matrices are alive (down_proj's is 127 MB on a 1B model). Returned column-major, as
+    torch.linalg.cholesky returns it (the column loop's rounding depends on the layout)."""
     diag = torch.arange(H.shape[0], device=H.device)
     mean = torch.mean(torch.diag(H))
     info = torch.empty((), dtype=torch.int32, device=H.device)
     for attempt in range(6):
-        F = H.clone()
+        F = H.clone().mT  # symmetric: the same matrix
         F[diag, diag] += percdamp * mean
         torch.linalg.cholesky_ex(F, out=(F, info))
         if info == 0:

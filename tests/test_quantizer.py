@@ -101,6 +101,24 @@ def test_quant_linear_matches_primitives_and_toggles():
     assert set(q.state_dict()) == {"weight", "bias"}  # same keys as nn.Linear: checkpoints stay HF-shaped
 
 
+def test_weight_on_its_grid_is_its_own_fake_weight_until_it_changes():
+    """GPTQ leaves weights on their grid: the forward then uses the weight itself (no second copy),
+    and a later change of the weight is quantized again."""
+    lin = torch.nn.Linear(64, 16).requires_grad_(False)  # as the engine holds them
+    args = QuantArgs(bit=4, symmetric=False, granularity="per_group", group_size=32)
+    q = QuantLinear(lin, args)
+    scale, zero = calibrate(grouped(lin.weight, args), args)
+    lin.weight.copy_(dequantize(quantize(grouped(lin.weight, args), scale, zero, args), scale, zero).reshape(16, 64))
+    q.set_weight_qparams(scale, zero)
+    assert q.fake_weight().data_ptr() == q.weight.data_ptr()
+    with torch.no_grad():
+        q.weight.add_(0.013)  # off the grid, same scales
+    assert q.fake_weight().data_ptr() != q.weight.data_ptr()
+    assert torch.equal(q.fake_weight(), dequantize(q.int_weight(), q.w_scale, q.w_zero).reshape(q.weight.shape))
+    x = torch.randn(3, 64)
+    assert torch.equal(q(x), torch.nn.functional.linear(x, q.fake_weight(), q.bias))
+
+
 def test_static_act_quantizer_calibrates_once_then_reuses():
     aq = ActQuantizer(QuantArgs(bit=8, symmetric=True, granularity="per_tensor", static=True))
     aq.observing = True

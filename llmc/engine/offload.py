@@ -76,6 +76,14 @@ def to_meta(module: nn.Module) -> None:
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
+def _glibc():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
 def return_freed_memory_to_the_os(threshold: int = 1 << 20) -> bool:
     """Serve every allocation over `threshold` bytes by its own mmap, and trim the heap above it.
 
@@ -84,12 +92,17 @@ def return_freed_memory_to_the_os(threshold: int = 1 << 20) -> bool:
     block it has seen: on bench/offload.py's 1B model, 1.9 GB peak RSS where 1.1 GB is live.
     A fixed threshold gives each block's memory back when the block is released. False where the C
     library is not glibc."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, threshold))
+    libc = _glibc()
+    return libc is not None and bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold)) \
+        and bool(libc.mallopt(_M_TRIM_THRESHOLD, threshold))
+
+
+def trim_heap() -> None:
+    """Give the OS the free pages inside the heap too, not only above it. Tokenizing the calibration
+    text leaves about 180 MB of small freed allocations that the trim threshold never reaches."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 class BlockStore:
@@ -114,6 +127,7 @@ class BlockStore:
             return module.to(device)
         name = getattr(module, NAME_ATTR)
         self.loads += 1
+        trim_heap()  # before the block arrives: what earlier steps freed goes back first
         if name in self.finished:
             saved = torch.load(self.finished[name], map_location="cpu", weights_only=True)
             for key, value in saved.items():

@@ -150,7 +150,11 @@ class QuantLinear(nn.Module):
             self.set_weight_qparams()
         key = (self.weight.data_ptr(), self.weight._version, self.w_scale.data_ptr())
         if self._cache is None or self._cache_key != key or self.weight.requires_grad:
-            self._cache = self.dequantized().to(self.weight.dtype)
+            fake = self.dequantized().to(self.weight.dtype)
+            # A weight already on its grid (GPTQ leaves it so) is its own fake-quant weight: sharing it
+            # saves a copy of every finished linear while the block is worked on.
+            on_grid = not self.weight.requires_grad and torch.equal(fake, self.weight)
+            self._cache = self.weight.detach() if on_grid else fake
             self._cache_key = key
         return self._cache
 

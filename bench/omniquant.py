@@ -25,7 +25,7 @@ AMP = ["quant.special.deactive_amp=False"]  # OmniQuant steps only (AWQ has no s
 STATE = ["quant.special.scale_path={work}/state", "quant.special.clip_path={work}/state"]
 
 
-def awq_then_omni(setting: str, weight_only: bool, extra: tuple = ()) -> list:
+def awq_then_omni(setting: str, weight_only: bool, extra: tuple[str, ...] = ()) -> list:
     model = ["model.path={work}/step0/transformed_model"] if weight_only else []
     return [(COMB.format(setting, "1_awq"), STATE), (COMB.format(setting, "2_omniq"), STATE + model + AMP + list(extra))]
 
@@ -37,7 +37,7 @@ for bit in (3, 2):  # the 5-epoch rows first: the 20-epoch ones take sessions (t
     # AWQ's scales folded in, LWC from the full range rather than AWQ's clips: on SmolLM2's first blocks
     # AWQ's clips start LWC tighter than where 5 epochs of training end up (docs/awq_omni.md)
     ROWS[f"AWQ scales -> OmniQuant W{bit} g64 (LWC from full range), 5 epochs"] = awq_then_omni(
-        f"w{bit}a16g64", True, ["quant.special.load_clip=False"])
+        f"w{bit}a16g64", True, ("quant.special.load_clip=False",))
 for bit, lr, alpha in ((6, 0.005, 0.5), (4, 0.001, 0.75)):
     ROWS[f"OmniQuant W{bit}A{bit} (LWC+LET), 5 epochs"] = (W_A, [
         f"quant.weight.bit={bit}", f"quant.act.bit={bit}", "quant.special.epochs=5",

@@ -1,5 +1,6 @@
 import copy
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ from llmc.algorithms.awq import Awq, AwqOptions
 from llmc.algorithms.base import Options
 from llmc.algorithms.omniquant import OmniQuant, OmniQuantOptions
 from llmc.algorithms.rtn import RTN
+from llmc.algorithms.smoothquant import SmoothQuant, SmoothQuantOptions
 from llmc.cli import main
 from llmc.engine.context import RunContext
 from llmc.engine.pipeline import quantize_blocks
@@ -115,6 +117,29 @@ def test_awq_state_is_where_omniquant_starts(aargs):
             assert torch.allclose(o.weight, a.weight, rtol=1e-5, atol=1e-6), name  # same LET = AWQ's scales
             assert torch.allclose(o.w_scale, a.w_scale, rtol=1e-5), name            # same LWC = AWQ's clips
             assert (o.fake_weight() - a.fake_weight()).abs().max() <= a.w_scale.max() * 1.01, name
+
+
+
+def test_smoothquant_scales_are_where_omniquant_starts():
+    """SmoothQuant's searched scales (every subset, up_proj -> down_proj included) handed to OmniQuant with
+    no training: LET at SmoothQuant's scales and LWC at the full range give SmoothQuant's W6A6 model."""
+    base = make_model("llama")
+    batches = _batches(base, 2)
+    w6 = QuantArgs(bit=6, symmetric=True, granularity="per_channel")
+    a6 = QuantArgs(bit=6, symmetric=True, granularity="per_token")
+    sq_model = copy.deepcopy(base)
+    state = _run(sq_model, SmoothQuant(w6, a6, SmoothQuantOptions(alpha_search=True, smooth_all=True,
+                                                                  alpha_min=0.3, alpha_step=0.2)), batches)
+    assert len(state["scales"]) == 7 * base.config.num_hidden_layers  # one per linear of the four subsets
+    omni_model = copy.deepcopy(base)
+    omni = OmniQuant(replace(w6, calib_algo="learnable"), a6, OmniQuantOptions(let=True, lwc=True, epochs=0))
+    _run(omni_model, omni, batches, loaded={"scales": state["scales"]})
+    for (name, s), (_, o) in zip(sq_model.named_modules(), omni_model.named_modules()):
+        if isinstance(s, QuantLinear):
+            assert torch.allclose(o.weight, s.weight, rtol=1e-5, atol=1e-6), name
+    with torch.no_grad():
+        ref, got = sq_model(batches[0]).logits, omni_model(batches[0]).logits
+    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4)
 
 
 def test_injected_nan_restores_and_stops_the_block(monkeypatch):

@@ -119,7 +119,6 @@ def test_awq_state_is_where_omniquant_starts(aargs):
             assert (o.fake_weight() - a.fake_weight()).abs().max() <= a.w_scale.max() * 1.01, name
 
 
-
 def test_smoothquant_scales_are_where_omniquant_starts():
     """SmoothQuant's searched scales (every subset, up_proj -> down_proj included) handed to OmniQuant with
     no training: LET at SmoothQuant's scales and LWC at the full range give SmoothQuant's W6A6 model."""

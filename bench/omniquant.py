@@ -4,11 +4,13 @@ calibration 128 x 512 tokens of wiki.valid.tokens, PPL on the first 40 x 2048 wi
 
     python bench/omniquant.py [--redo] [--only LABEL ...]   # writes bench/results/omniquant_smollm2.{json,md}
 
+The .md ends with the issue's Done check against bench/weight_only.py's and bench/weight_act.py's references.
+
 Rows run one after another and each is saved when done, so the matrix resumes across sessions.
 """
 from __future__ import annotations
 
-from common import table_main
+from common import RESULTS, load_rows, markdown, table_main
 
 NAME = "omniquant_smollm2"
 TITLE = ("SmolLM2-135M-Instruct, OmniQuant, calib 128 x 512 wiki.valid.tokens (one sample per step), bfloat16 "
@@ -58,5 +60,46 @@ for bit in (3, 2):
     ROWS[f"OmniQuant W{bit} g64, 20 epochs"] = (W_ONLY, [f"quant.weight.bit={bit}", "quant.special.epochs=20"] + AMP)
 
 
+
+
+def ppl(rows: dict, label: str):
+    return rows[label]["ppl"] if label in rows else None
+
+
+def done_check(rows: dict) -> str:
+    """The issue's criteria against the references measured on the same protocol (bench/weight_only.py,
+    bench/weight_act.py): a row not yet measured reads 'pending'."""
+    w_only, w_act = load_rows("weight_only_smollm2"), load_rows("weight_act_smollm2")
+
+    def verdict(ours, *theirs):
+        if ours is None or any(t is None for t in theirs):
+            return "pending"
+        return "met" if all(ours <= t for t in theirs) else "not met"
+
+    def fmt(v):
+        return "pending" if v is None else f"{v:.3f}"
+
+    body = []
+    for bit in (3, 2):
+        awq5 = ppl(rows, f"AWQ -> OmniQuant W{bit} g64, 5 epochs")
+        refs = {"OmniQuant 20 ep": ppl(rows, f"OmniQuant W{bit} g64, 20 epochs"),
+                "GPTQ": ppl(w_only, f"GPTQ W{bit}"), "AWQ": ppl(w_only, f"AWQ W{bit}")}
+        body += [[f"W{bit}A16 g64", f"AWQ -> OmniQuant 5 ep {fmt(awq5)}", f"{name} {fmt(v)}", verdict(awq5, v)]
+                 for name, v in refs.items()]
+    for bit in (6, 4):
+        ours = {k: r["ppl"] for k, r in rows.items() if f"W{bit}A{bit}" in k}
+        best = min(ours, key=ours.get) if ours else None
+        for name in (f"RTN W{bit}A{bit}", f"SmoothQuant W{bit}A{bit} (alpha 0.8)",
+                     f"SmoothQuant W{bit}A{bit} (alpha search, all subsets)"):
+            v = ppl(w_act, name)
+            body.append([f"W{bit}A{bit}", f"{best} {fmt(ours.get(best))}", f"{name} {fmt(v)}",
+                         verdict(ours.get(best), v)])
+    return "Done check (lower PPL is better; 'met' where ours is at most the reference)\n\n" + markdown(
+        ["setting", "ours", "reference", "verdict"], body)
+
+
 if __name__ == "__main__":
-    table_main(NAME, TITLE, ROWS, EVAL)
+    table = done_check(table_main(NAME, TITLE, ROWS, EVAL))
+    print("\n" + table)
+    md = RESULTS / f"{NAME}.md"
+    md.write_text(md.read_text().split("\n\nDone check")[0].rstrip("\n") + "\n\n" + table + "\n")

@@ -10,7 +10,7 @@ Rows run one after another and each is saved when done, so the matrix resumes ac
 """
 from __future__ import annotations
 
-from common import RESULTS, load_rows, markdown, table_main
+from common import RESULTS, load_rows, markdown, render, table_main
 
 NAME = "omniquant_smollm2"
 TITLE = ("SmolLM2-135M-Instruct, OmniQuant, calib 128 x 512 wiki.valid.tokens (one sample per step), bfloat16 "
@@ -60,8 +60,6 @@ for bit in (3, 2):
     ROWS[f"OmniQuant W{bit} g64, 20 epochs"] = (W_ONLY, [f"quant.weight.bit={bit}", "quant.special.epochs=20"] + AMP)
 
 
-
-
 def ppl(rows: dict, label: str):
     return rows[label]["ppl"] if label in rows else None
 
@@ -71,10 +69,10 @@ def done_check(rows: dict) -> str:
     bench/weight_act.py): a row not yet measured reads 'pending'."""
     w_only, w_act = load_rows("weight_only_smollm2"), load_rows("weight_act_smollm2")
 
-    def verdict(ours, *theirs):
-        if ours is None or any(t is None for t in theirs):
+    def verdict(ours, theirs):
+        if ours is None or theirs is None:
             return "pending"
-        return "met" if all(ours <= t for t in theirs) else "not met"
+        return "met" if ours <= theirs else "not met"
 
     def fmt(v):
         return "pending" if v is None else f"{v:.3f}"
@@ -99,7 +97,7 @@ def done_check(rows: dict) -> str:
 
 
 if __name__ == "__main__":
-    table = done_check(table_main(NAME, TITLE, ROWS, EVAL))
+    rows = table_main(NAME, TITLE, ROWS, EVAL)
+    table = done_check(rows)
     print("\n" + table)
-    md = RESULTS / f"{NAME}.md"
-    md.write_text(md.read_text().split("\n\nDone check")[0].rstrip("\n") + "\n\n" + table + "\n")
+    (RESULTS / f"{NAME}.md").write_text(f"{render(rows, TITLE)}\n\n{table}\n")

@@ -45,6 +45,30 @@ def run_llmc(config: str, overrides: list[str], save_path: str | None = None, np
     return out
 
 
+def machine() -> str:
+    """The CPU a row ran on (model name, the cores this process may use, bf16 matmul support): sessions land on
+    different machines, and a row's times compare only with rows from the same one."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    model = re.search(r"^model name\s*:\s*(.+)$", info, re.M)
+    flags = re.search(r"^flags\s*:\s*(.+)$", info, re.M)
+    bf16 = [f for f in ("avx512_bf16", "amx_bf16") if flags and f in flags.group(1).split()]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return ", ".join([model.group(1).strip() if model else "unknown CPU", f"{cores} cores"] + bf16)
+
+
+def machine_note(rows: dict) -> str:
+    """A footnote naming the machine of each row that recorded one ('' when none did)."""
+    by_machine: dict[str, list[str]] = {}
+    for label, r in rows.items():
+        by_machine.setdefault(r.get("machine", ""), []).append(label)
+    if set(by_machine) == {""}:
+        return ""
+    parts = [f"{m}: {', '.join(labels)}" for m, labels in by_machine.items() if m]
+    if "" in by_machine:
+        parts.append("the other rows: not recorded (rows from before the bench recorded machines)")
+    return "Machines (times compare only within one machine). " + "; ".join(parts)
+
+
 def quantize_seconds(results: dict) -> float:
     """The run's quantize time, with what an interrupted earlier attempt spent on its finished blocks."""
     t = results["timings"]
@@ -92,6 +116,9 @@ def render(rows: dict, title: str, fp_label: str = "FP") -> str:
     if any(r.get("resumed") for r in rows.values()):
         table += ("\n\n† interrupted and resumed from its checkpoint: quantize s adds the time "
                   "the interrupted attempt spent on its committed blocks; wall and RSS are the resumed process's")
+    note = machine_note(rows)
+    if note:
+        table += "\n\n" + note
     return f"{title}\n\n{table}"
 
 
@@ -124,6 +151,7 @@ def run_row(spec, common: list[str], work: Path) -> dict:
             "peak_rss_mb": max(r["process_peak_rss_mb"] for r in results),
             "steps_quantize_s": [quantize_seconds(r) for r in results],
             "saved_mb": last["saved_mb"],
+            "machine": machine(),
             "overrides": [o for step in steps for o in step[1]]}
 
 

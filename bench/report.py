@@ -14,8 +14,12 @@ import argparse
 import json
 import math
 import re
+import sys
 from pathlib import Path
 from typing import Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_note  # noqa: E402  (bench/ is not a package)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LABEL = re.compile(r"^(?P<method>.+?)\s+W(?P<w>\d{1,2})(?:A(?P<a>\d{1,2}))?(?=$|[\s,(])(?P<rest>.*)$")
@@ -85,7 +89,8 @@ def build_table(title: str, rows: dict) -> str:
                        _num(r.get("peak_rss_mb"), ".0f")] + ([saved] if saves else []))
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in b) + " |" for b in body]
-    return f"## {title}\n\n" + "\n".join(lines)
+    note = machine_note(rows)
+    return f"## {title}\n\n" + "\n".join(lines) + (f"\n\n{note}" if note else "")
 
 
 def chart_points(tables: dict) -> tuple[dict, list]:

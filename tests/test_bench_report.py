@@ -59,6 +59,14 @@ def test_table_columns_and_rows():
     assert cells["mystery run"]["method"] == "?" and cells["mystery run"]["peak RSS MB"] == ""
 
 
+def test_rows_from_different_machines_are_named():
+    rows = {**ROWS, "GPTQ W2": {"ppl": 90.0, "quantize_s": 200.0, "machine": "AMD EPYC, 2 cores, avx512_bf16"}}
+    note = report.build_table("synthetic", rows).split("\n\n")[-1]
+    assert note.startswith("Machines") and "AMD EPYC, 2 cores, avx512_bf16: GPTQ W2" in note
+    assert "GPTQ W3" not in note and "not recorded" in note
+    assert "Machines" not in report.build_table("synthetic", ROWS)  # no row recorded one: no note
+
+
 def test_chart_points_leave_out_unparsed():
     series, fps = report.chart_points({"t": ROWS})
     assert series == {"GPTQ": [(3, 40.0), (4, 24.0)]} and fps == [20.0]

@@ -63,7 +63,7 @@ def machine_note(rows: dict) -> str:
         by_machine.setdefault(r.get("machine", ""), []).append(label)
     if set(by_machine) == {""}:
         return ""
-    parts = [f"{m}: {', '.join(labels)}" for m, labels in by_machine.items() if m]
+    parts = [f"{m}: {', '.join(repr(label) for label in labels)}" for m, labels in by_machine.items() if m]
     if "" in by_machine:
         parts.append("the other rows: not recorded (rows from before the bench recorded machines)")
     return "Machines (times compare only within one machine). " + "; ".join(parts)

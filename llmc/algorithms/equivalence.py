@@ -24,6 +24,13 @@ class Fold:
     reduced: Optional[int]
     head_dim: Optional[int]
     can_shift: bool
+    verify: Optional[Callable[[], None]] = None  # the fold guard: raises when the float block changed
+
+    def check(self) -> None:
+        """Stop unless the block still computes its float function (after `apply`, or after LET's
+        parametrizations are registered)."""
+        if self.verify is not None:
+            self.verify()
 
     def expand(self, s: torch.Tensor) -> torch.Tensor:
         if not self.reduced:
@@ -58,6 +65,7 @@ class Fold:
             b.data.div_(s.to(b.dtype))
         for lin in self.linears:
             lin.weight.data.mul_(full.view(1, -1).to(lin.weight.dtype))
+        self.check()
         return full
 
 
@@ -87,7 +95,8 @@ def fold_plan(job, subset, shift: bool = False) -> Optional[Fold]:
                  and all(lin.bias is not None for lin in linears))
     if shift and not can_shift:
         logger.info(f"{where}: no bias to absorb a channel shift (or a non-linearity in between); scale only")
-    return Fold(prev, linears, reduced, job.head_dim, can_shift)
+    subset_name = f"{subset.prev_op} -> {'/'.join(subset.layers)}"
+    return Fold(prev, linears, reduced, job.head_dim, can_shift, lambda: job.check_float(subset_name))
 
 
 

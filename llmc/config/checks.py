@@ -23,10 +23,9 @@ def algorithm_options(config: Config):
     try:
         options = cls.Options.model_validate(config.quant.special)
     except ValidationError as err:
-        text = format_validation_error(err)
-        allowed = ", ".join(cls.Options.model_fields) or "(none)"
+        text = format_validation_error(err, root=cls.Options)
         text = "\n".join(f"quant.special.{line}" for line in text.splitlines())
-        raise ConfigError("", f"invalid options for {cls.name}:\n{text}\n{cls.name} accepts: {allowed}") from None
+        raise ConfigError("", f"invalid options for {cls.name}:\n{text}") from None
     return cls, options
 
 
@@ -81,6 +80,15 @@ def check_quant(config: Config, available: set[str] = frozenset()) -> set[str]:
                               f"expected one of {', '.join(allowed)}"
                               + ("" if q.act.static else " (dynamic ranges come from each input's own min/max)"))
     cls, options = algorithm_options(config)
+    learned = cls.needs_targets  # trains against the float block's outputs through the rounding
+    for section in ("weight", "act"):
+        spec = getattr(q, section)
+        if spec is None or spec.ste is None or spec.ste == learned:
+            continue
+        raise ConfigError(f"quant.{section}.ste", f"{spec.ste} with {cls.name}: " + (
+            f"{cls.name} learns through the rounding and always uses straight-through gradients; remove ste"
+            if learned else f"{cls.name} computes no gradients, so straight-through rounding has no effect; "
+            "remove ste (it applies to learned methods such as OmniQuant)"))
     if q.weight is not None and q.weight.calib_algo not in ("minmax", "mse") + cls.weight_calib_algos:
         raise ConfigError("quant.weight.calib_algo", f"'{q.weight.calib_algo}' is not available with {cls.name}; "
                           f"expected one of {', '.join(('minmax', 'mse') + cls.weight_calib_algos)}")
@@ -144,17 +152,25 @@ def _args(config: Config):
 
 
 def check_against_model(config: Config, adapter) -> None:
-    """Shape checks on the (meta-device) model: group sizes must divide every quantized linear's in_features."""
-    w = config.quant.weight
-    if w is None or w.granularity != "per_group":
-        return
-    for i, block in enumerate(adapter.block_list()):
-        for name in adapter.linear_names():
-            linear = block.get_submodule(name)
-            if linear.in_features % w.group_size:
-                raise ConfigError("quant.weight.group_size", f"{w.group_size} does not divide in_features "
-                                  f"{linear.in_features} of {adapter.block_name(i)}.{name}; choose a divisor "
-                                  f"(e.g. {_divisor_hint(linear.in_features)})")
+    """Shape checks on the (meta-device) model: weight group sizes and activation head counts must divide
+    every quantized linear's in_features."""
+    w, a = config.quant.weight, config.quant.act
+    checks = []
+    if w is not None and w.granularity == "per_group":
+        checks.append(("quant.weight.group_size", w.group_size, "choose a divisor"))
+    if a is not None and a.granularity == "per_group":
+        checks.append(("quant.act.group_size", a.group_size, "choose a divisor"))
+    if a is not None and a.granularity == "per_head":
+        checks.append(("quant.act.head_num", a.head_num, "per_head splits each activation into head_num equal "
+                       "heads; choose a head count that divides it"))
+    for key, size, what in checks:
+        for i, block in enumerate(adapter.block_list()):
+            for name in adapter.linear_names():
+                width = block.get_submodule(name).in_features
+                if width % size:
+                    hint = f" (e.g. {_divisor_hint(width)})" if key.endswith("group_size") else ""
+                    raise ConfigError(key, f"{size} does not divide in_features {width} of "
+                                      f"{adapter.block_name(i)}.{name}; {what}{hint}")
 
 
 def _divisor_hint(n: int) -> str:

@@ -83,9 +83,9 @@ def _absolutize(raw: dict) -> None:
                     node[path[-1]] = os.path.abspath(os.path.expanduser(value))
 
 
-def _fields_at(loc: tuple) -> list[str]:
+def _fields_at(loc: tuple, root: Any = Config) -> list[str]:
     """The field names allowed at a location in the schema (for did-you-mean on unknown keys)."""
-    model: Any = Config
+    model: Any = root
     for part in loc:
         if isinstance(part, int):
             continue
@@ -105,7 +105,8 @@ def _model_in(annotation: Any) -> Any:
     return None
 
 
-def format_validation_error(err: ValidationError, single_eval: bool = False) -> str:
+def format_validation_error(err: ValidationError, single_eval: bool = False, root: Any = Config) -> str:
+    """One line per error; `root` is the model validated (Config, or an algorithm's Options)."""
     lines = []
     for e in err.errors():
         loc = tuple(e["loc"])
@@ -113,7 +114,7 @@ def format_validation_error(err: ValidationError, single_eval: bool = False) -> 
             loc = ("eval",) + loc[2:]  # the user wrote one eval section, not a list
         key = ".".join(str(p) for p in loc)
         if e["type"] == "extra_forbidden":
-            allowed = _fields_at(loc[:-1])
+            allowed = _fields_at(loc[:-1], root)
             hint = did_you_mean(str(loc[-1]), allowed)
             lines.append(f"{key}: unknown key.{hint} Allowed here: {', '.join(allowed)}")
         elif e["type"] == "missing":

@@ -18,7 +18,12 @@ class Section(BaseModel):
 
 
 class BaseCfg(Section):
+    # Seeds Python's, NumPy's and torch's generators (CPU and CUDA) at the start of a run, and calibration
+    # sampling when calib.seed is not given.
     seed: int = 42
+    # The fold guard: after every fold of scales into the float model, the block must still compute its
+    # float output on a calibration sample (llmc/engine/guard.py). False skips it (debugging only).
+    check_folds: bool = True
 
 
 class ModelCfg(Section):
@@ -42,7 +47,7 @@ class CalibCfg(Section):
     bs: int = -1
     seq_len: int = Field(512, ge=1)
     preproc: Optional[str] = None
-    seed: int = 42
+    seed: Optional[int] = None  # None: base.seed
     # Keep captured block activations on the compute device (fast) or on the CPU (saves device memory).
     activations_on: Literal["device", "cpu"] = "device"
 
@@ -100,7 +105,8 @@ class QuantSpecCfg(Section):
     head_num: Optional[int] = Field(None, ge=1)
     calib_algo: Literal["minmax", "mse", "learnable", "static_hist", "percentile"] = "minmax"
     static: bool = False
-    ste: bool = False
+    # Straight-through rounding gradients: what learned methods (OmniQuant) train with; None = the method's own.
+    ste: Optional[bool] = None
     # mse search: shrink the range down to maxshrink of its width over mse_grid steps, error norm mse_norm.
     maxshrink: float = Field(0.8, gt=0, le=1)
     mse_grid: int = Field(100, ge=1)
@@ -127,6 +133,12 @@ class QuantSpecCfg(Section):
                              f"(got granularity {self.granularity}); set group_size: -1 or granularity: per_group")
         if self.granularity == "per_head" and self.head_num is None:
             raise ValueError("granularity per_head needs head_num")
+        if self.head_num is not None and self.granularity != "per_head":
+            raise ValueError(f"head_num {self.head_num} is only used with granularity per_head (got granularity "
+                             f"{self.granularity}); remove head_num or set granularity: per_head")
+        if isinstance(self.bit, str) and not self.symmetric:
+            raise ValueError(f"bit {self.bit} is a float format: FP8 grids are symmetric around 0 and have no "
+                             "zero point; set symmetric: True")
         return self
 
 
@@ -234,6 +246,12 @@ class Config(Section):
     def _quant_or_stages(self) -> "Config":
         if (self.quant is None) == (self.stages is None or not self.stages):
             raise ValueError("give either quant (one algorithm) or stages (a list of quant sections run in order)")
+        for i, stage in enumerate((self.stages or [])[:-1]):
+            if stage.kvcache is not None:
+                raise ValueError(f"stages.{i}.kvcache: the KV cache is quantized when the final model is evaluated "
+                                 "and saved, which the last stage decides; move kvcache to the last stage")
+        if self.calib is not None and self.calib.seed is None:
+            self.calib.seed = self.base.seed
         return self
 
     def stage_configs(self) -> list["Config"]:

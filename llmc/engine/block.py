@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from llmc.engine.capture import BlockInputs
+from llmc.engine.guard import FloatCheck
 from llmc.models.adapter import Subset, get_module
 
 
@@ -32,6 +33,7 @@ class BlockJob:
     ctx: object
     head_dim: Optional[int] = None           # attention head size (to share scales across GQA query heads)
     score_layers: tuple[str, ...] = ()       # linears whose outputs form attention scores
+    float_check: Optional[FloatCheck] = None  # the float block's output before any transform (fold guard)
 
     # ---- structure -------------------------------------------------------------------------------
     def full_name(self, name: str) -> str:
@@ -43,6 +45,11 @@ class BlockJob:
     def quantized_layers(self, subset: Optional[Subset] = None) -> list[str]:
         names = subset.layers if subset else [n for s in self.subsets for n in s.layers]
         return [n for n in names if self.full_name(n) not in self.ignored]
+
+    def check_float(self, where: str) -> None:
+        """Stop unless the block, quantization off, still computes what it computed before any fold."""
+        if self.float_check is not None:
+            self.float_check.verify(self.block, where)
 
     # ---- forwards --------------------------------------------------------------------------------
     @property

@@ -184,6 +184,14 @@ class Checkpoint:
         _set_rng_state(stream.pop("rng"))
         return stream
 
+    def discard_if_unfinished(self) -> None:
+        """After a failure: remove a checkpoint in which no block finished (it holds nothing to resume, and
+        left behind it would make the next identical run refuse its save_path)."""
+        if not (self.enabled and self.writer and self.folder.exists()):
+            return
+        if not any(self.folder.glob("stage*-stream-*.pt")):
+            shutil.rmtree(self.folder, ignore_errors=True)
+
     def remove(self) -> None:
         if self.enabled and self.writer and not self.keep and self.folder.exists():
             shutil.rmtree(self.folder, ignore_errors=True)

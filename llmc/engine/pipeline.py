@@ -12,6 +12,7 @@ from tqdm import tqdm
 from llmc.engine.block import BlockJob
 from llmc.engine.capture import BlockInputs, capture_block_inputs
 from llmc.engine.checkpoint import Checkpoint
+from llmc.engine.guard import FloatCheck, check_activations_finite, check_module_finite
 from llmc.models.adapter import get_module
 
 
@@ -38,9 +39,20 @@ def quantize_blocks(model, adapter, algorithm, batches: Optional[list[torch.Tens
         logger.info(f"{algorithm.name}: replaying blocks 0-{resumed - 1} from the checkpoint")
     for i in tqdm(range(len(blocks)), desc=f"{algorithm.name} blocks", unit="block", disable=not ctx.is_main):
         block = ctx.onload(blocks[i])
-        job = BlockJob(i, adapter.block_name(i), block, adapter.subsets, inputs, ignored, ctx, adapter.head_dim(),
+        name = adapter.block_name(i)
+        job = BlockJob(i, name, block, adapter.subsets, inputs, ignored, ctx, adapter.head_dim(),
                        adapter.score_layers)
+        if i >= resumed:
+            check_module_finite(block, name)
+            if inputs is not None:
+                check_activations_finite(inputs.hidden, f"the activations entering {name}"
+                                         + (f" (block {i - 1}'s quantized outputs)" if quant_out and i else ""))
         targets = job.forward(reference) if inputs is not None and (algorithm.needs_targets or not quant_out) else None
+        if targets is not None and i >= resumed:
+            check_activations_finite(targets, f"the float outputs of {name}")
+        if inputs is not None and ctx.check_folds and i >= resumed:
+            args, kwargs = inputs.call(i, 0)
+            job.float_check = FloatCheck(block, inputs.hidden[0], args, kwargs, ctx.device, name)
         if i < resumed:
             ctx.offload(block)  # the float block is done with (a streamed one leaves memory)
             job.block = block = ctx.onload(checkpoint.restore_block(stage, i))
@@ -51,6 +63,10 @@ def quantize_blocks(model, adapter, algorithm, batches: Optional[list[torch.Tens
         else:
             for kind, entries in (algorithm.apply(job, targets) or {}).items():
                 state.setdefault(kind, {}).update(entries)
+            if algorithm.keeps_float:  # its only weight changes are folds: the whole block must still agree
+                job.check_float(f"{algorithm.name}'s transforms")
+            check_module_finite(job.block, name, f"{algorithm.name} produced it on this block")
+            job.float_check = None
         if inputs is not None:
             inputs.hidden = job.forward() if quant_out else targets
             if quant_out and algorithm.needs_targets:

@@ -46,12 +46,13 @@ def save_transformed(model, tokenizer, path: str | Path) -> None:
         _save_hf(model, tokenizer, tmp)
 
 
-def save_fake_quant(model, tokenizer, path: str | Path) -> None:
+def save_fake_quant(model, tokenizer, path: str | Path, kvcache: dict | None = None) -> None:
+    """`kvcache`: the quant.kvcache section, recorded so `load_fake_quant` quantizes the KV cache too."""
     with atomic_dir(path) as tmp, plain_linears(model, fake=True) as swapped:
         _save_hf(model, tokenizer, tmp)
         record, scales = {}, {}
         _record_acts(swapped, "", record, scales)
-        _write_act_record(tmp, record, scales)
+        _write_act_record(tmp, record, scales, kvcache)
 
 
 def _record_acts(swapped: list[tuple[str, QuantLinear]], prefix: str, record: dict, scales: dict) -> None:
@@ -66,14 +67,15 @@ def _record_acts(swapped: list[tuple[str, QuantLinear]], prefix: str, record: di
         record[name] = entry
 
 
-def _write_act_record(folder: Path, record: dict, scales: dict) -> None:
-    (folder / ACT_RECORD).write_text(json.dumps({"format": "llmc-fake-quant/1", "layers": record}, indent=2))
+def _write_act_record(folder: Path, record: dict, scales: dict, kvcache: dict | None = None) -> None:
+    (folder / ACT_RECORD).write_text(json.dumps({"format": "llmc-fake-quant/1", "layers": record,
+                                                 "kvcache": kvcache}, indent=2))
     if scales:
         save_file(scales, str(folder / ACT_SCALES))
 
 
 def save_streamed(model, tokenizer, path: str | Path, blocks: nn.ModuleList, block_names: list[str], ctx,
-                  fake: bool) -> None:
+                  fake: bool, kvcache: dict | None = None) -> None:
     """save_transformed (fake=False) or save_fake_quant (fake=True) for a model whose blocks stream from
     disk: one safetensors shard per block, loaded, written and released in turn, then one for the rest."""
     with atomic_dir(path) as tmp:
@@ -113,17 +115,25 @@ def save_streamed(model, tokenizer, path: str | Path, blocks: nn.ModuleList, blo
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if fake:
-            _write_act_record(tmp, record, scales)
+            _write_act_record(tmp, record, scales, kvcache)
 
 
 def load_fake_quant(path: str | Path, dtype: torch.dtype = torch.float32):
-    """Load a `fake_quant_model/` folder: weights are already on their grid; activation quantizers are
-    re-installed from the record so the model computes what it computed in memory."""
+    """Load a `fake_quant_model/` folder: weights are already on their grid; activation quantizers (and the
+    KV-cache quantization) are re-installed from the record so the model computes what it computed in memory."""
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
-    record = json.loads((path / ACT_RECORD).read_text())["layers"] if (path / ACT_RECORD).exists() else {}
+    saved = json.loads((path / ACT_RECORD).read_text()) if (path / ACT_RECORD).exists() else {}
+    record = saved.get("layers", {})
+    if saved.get("kvcache"):
+        from llmc.config.schema import KVCacheCfg
+        from llmc.models.adapter import adapter_class
+        from llmc.quant.kvcache import enable_kv_quant
+
+        adapter = adapter_class(model.config.model_type, None)(model)
+        enable_kv_quant(model, adapter.attention_modules(), KVCacheCfg(**saved["kvcache"]))
     scales = load_file(str(path / ACT_SCALES)) if (path / ACT_SCALES).exists() else {}
     for name, entry in record.items():
         if not entry.get("act"):

@@ -75,16 +75,28 @@ class Adapter:
         return out
 
 
+# LLMC's `model.type` names whose spelling is not the HF model_type with case and underscores dropped.
+LLMC_TYPES = {"smollm": "llama"}
+
+
+def _normal(name: str) -> str:
+    return name.lower().replace("_", "").replace("-", "")
+
+
 def adapter_class(model_type: Optional[str], declared: Optional[str]) -> type[Adapter]:
-    """The adapter for an HF `model_type`; a declared `model.type` must agree with it."""
+    """The adapter for an HF `model_type`. A declared `model.type` (LLMC's spellings: Llama, Qwen2,
+    DeepseekV3, ... case-insensitively) must name the checkpoint's own model_type: a family's layout
+    decides whether a fold keeps the float model, so a checkpoint is never run under another family's."""
     import llmc.models.families  # noqa: F401  (registration)
 
-    if declared is None:
-        if model_type not in ADAPTERS:
-            raise ConfigError("model.type", f"no adapter for the checkpoint's model_type '{model_type}'. "
-                              f"Supported: {', '.join(ADAPTERS.names())}")
-        return ADAPTERS.get(model_type)
-    cls = ADAPTERS.get(declared, "model.type")
-    if model_type in ADAPTERS and ADAPTERS.get(model_type) is not cls:
-        raise ConfigError("model.type", f"'{declared}' does not match the checkpoint's model_type '{model_type}'")
-    return cls
+    supported = ", ".join(ADAPTERS.names())
+    if declared is not None:
+        wanted = LLMC_TYPES.get(_normal(declared), _normal(declared))
+        if model_type is None or wanted != _normal(model_type):
+            raise ConfigError("model.type", f"'{declared}' does not match the checkpoint's model_type "
+                              f"'{model_type}' (config.json). Remove model.type to use the checkpoint's, or point "
+                              f"model.path at a {declared} checkpoint. Supported model types: {supported}")
+    if model_type not in ADAPTERS:
+        raise ConfigError("model.type" if declared else "model.path",
+                          f"no adapter for the checkpoint's model_type '{model_type}'. Supported: {supported}")
+    return ADAPTERS.get(model_type)

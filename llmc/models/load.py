@@ -106,7 +106,7 @@ def load_model(model_cfg, device: torch.device):
         del model.config.quantization_config
     model.hf_quantizer = None
     model.config.use_cache = False
-    tokenizer = _load_tokenizer(source, model_cfg.tokenizer_mode)
+    tokenizer = load_tokenizer(source, model_cfg.tokenizer_mode)
     return model, tokenizer
 
 
@@ -141,10 +141,10 @@ def load_model_streamed(model_cfg, blocks: str, device: torch.device):
         raise ConfigError("model.path", f"{source.folder}: the checkpoint lacks {missing[:5]}")
     model.eval().requires_grad_(False)
     model.config.use_cache = False
-    return model, _load_tokenizer(source, model_cfg.tokenizer_mode)
+    return model, load_tokenizer(source, model_cfg.tokenizer_mode)
 
 
-def _load_tokenizer(source: ModelSource, mode: str):
+def load_tokenizer(source: ModelSource, mode: str):
     from transformers import AutoTokenizer
 
     try:

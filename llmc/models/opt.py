@@ -1,4 +1,6 @@
-"""OPT: pre-LayerNorm decoder with ReLU MLP (fc1 → fc2) and learned positions."""
+"""OPT: decoder with ReLU MLP (fc1 → fc2) and learned positions; pre-LayerNorm except OPT-350m's layout."""
+from dataclasses import replace
+
 from llmc.models.adapter import Adapter, Subset
 from llmc.registry import ADAPTERS
 
@@ -16,3 +18,13 @@ class Opt(Adapter):
         Subset(layers=("fc1",), prev_op="final_layer_norm", input="fc1", inspect="fc1", shiftable=True),
         Subset(layers=("fc2",), prev_op="fc1", input="fc2", inspect="fc2"),
     ]
+
+    def __init__(self, model):
+        super().__init__(model)
+        if not getattr(model.config, "do_layer_norm_before", True):
+            # Post-LayerNorm (OPT-350m): q/k/v read the block input and fc1 reads the residual stream after
+            # self_attn_layer_norm, which the residual also carries: no op in front of them can absorb a
+            # scale without changing the residual, so these subsets take no fold.
+            norms = ("self_attn_layer_norm", "final_layer_norm")
+            self.subsets = [replace(s, prev_op=None, shiftable=False) if s.prev_op in norms else s
+                            for s in type(self).subsets]

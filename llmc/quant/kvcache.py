@@ -58,18 +58,24 @@ def _register() -> None:
     AttentionInterface.register(ATTENTION, _attention)
 
 
-@contextmanager
-def kv_quantized(model: nn.Module, attention_modules: list[nn.Module], cfg) -> Iterator[None]:
-    """Within the context, attention reads fake-quantized keys and values (no-op when cfg is None)."""
-    if cfg is None:
-        yield
-        return
+def enable_kv_quant(model: nn.Module, attention_modules: list[nn.Module], cfg) -> str:
+    """From now on attention reads fake-quantized keys and values; returns the implementation it wraps."""
     _register()
     wrapped = model.config._attn_implementation
     args = kv_args(cfg)
     for m in attention_modules:
         setattr(m, _ATTR, (args, cfg.granularity, wrapped))
     model.set_attn_implementation(ATTENTION)
+    return wrapped
+
+
+@contextmanager
+def kv_quantized(model: nn.Module, attention_modules: list[nn.Module], cfg) -> Iterator[None]:
+    """Within the context, attention reads fake-quantized keys and values (no-op when cfg is None)."""
+    if cfg is None:
+        yield
+        return
+    wrapped = enable_kv_quant(model, attention_modules, cfg)
     try:
         yield
     finally:

@@ -116,3 +116,102 @@ def test_symmetric_gram_accumulation_equals_full_product(d):
         add_gram(total, x)
     full = sum(x.T @ x for x in batches)
     assert torch.allclose(symmetric_gram(total), full, rtol=0, atol=1e-9)
+
+
+# ---- against the paper's column loop ------------------------------------------------------------------
+def _grid(block: torch.Tensor, bit: int, symmetric: bool):
+    """Per-row (scale, zero) on llmc's signed grid, float64, written independently of llmc."""
+    qmin, qmax = -(2 ** (bit - 1)), 2 ** (bit - 1) - 1
+    lo, hi = block.amin(1).clamp(max=0), block.amax(1).clamp(min=0)
+    if symmetric:
+        return torch.maximum(lo.abs(), hi) / ((qmax - qmin) / 2), torch.zeros_like(lo)
+    scale = (hi - lo) / (qmax - qmin)
+    return scale, torch.clamp(torch.round(qmin - lo / scale), qmin, qmax)
+
+
+def _paper_gptq(W, H, bit, symmetric, gs, percdamp=0.01, actorder=False, static_groups=False):
+    """GPTQ from the paper's equations, one column at a time with the explicit inverse Hessian: quantize
+    column q, spread its error over the remaining columns, δ = -(w_q - Q(w_q)) / [H⁻¹]_qq · [H⁻¹]_{q,:},
+    then remove q from the inverse, H⁻¹ ← H⁻¹ - H⁻¹_{:,q} H⁻¹_{q,:} / [H⁻¹]_qq. No lazy batches, no Cholesky."""
+    W, H = W.double().clone(), H.double().clone()
+    rows, cols = W.shape
+    qmin, qmax = -(2 ** (bit - 1)), 2 ** (bit - 1) - 1
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    static = [_grid(W[:, g:g + gs], bit, symmetric) for g in range(0, cols, gs)] if static_groups else None
+    perm = torch.argsort(torch.diag(H), descending=True) if actorder else torch.arange(cols)
+    W, H = W[:, perm], H[perm][:, perm]
+    H += percdamp * torch.diag(H).mean() * torch.eye(cols, dtype=H.dtype)
+    Hinv = torch.linalg.inv(H)
+    Q = torch.zeros_like(W)
+    for q in range(cols):
+        if static is not None:
+            scale, zero = static[perm[q] // gs]
+        elif q % gs == 0:
+            scale, zero = _grid(W[:, q:q + gs], bit, symmetric)
+        w, d = W[:, q], Hinv[q, q]
+        Q[:, q] = (torch.clamp(torch.round(w / scale) + zero, qmin, qmax) - zero) * scale
+        W[:, q:] -= torch.outer((w - Q[:, q]) / d, Hinv[q, q:])
+        Hinv = Hinv - torch.outer(Hinv[:, q], Hinv[q, :]) / d
+    return Q[:, torch.argsort(perm)]
+
+
+@pytest.mark.parametrize("case", [
+    dict(bit=4, symmetric=True, gran="per_channel"),
+    dict(bit=3, symmetric=False, gran="per_group"),
+    dict(bit=3, symmetric=False, gran="per_group", actorder=True),
+    dict(bit=2, symmetric=True, gran="per_group", actorder=True, static_groups=True),
+])
+def test_gptq_equals_the_papers_column_loop(case):
+    """llmc's blocked Cholesky GPTQ (blocksize 16, so lazy updates cross block edges) gives the weights
+    of the explicit-inverse loop. Blocks of 16 divide the 32-column groups, so a group's range is found on
+    fully updated weights in both (the reference, and llmc, find it without the current block's pending
+    updates when a group starts inside a block)."""
+    W, X, H = _problem(5, rows=24, cols=128, tokens=512)
+    H[7, :] = H[:, 7] = 0  # a dead input
+    gs = 32 if case["gran"] == "per_group" else 128
+    args = QuantArgs(bit=case["bit"], symmetric=case["symmetric"], granularity=case["gran"],
+                     group_size=gs if case["gran"] == "per_group" else -1)
+    opts = GPTQOptions(blocksize=16, actorder=case.get("actorder", False),
+                       static_groups=case.get("static_groups", False))
+    Q, *_ = gptq_quantize(W, H.clone(), args, opts)
+    want = _paper_gptq(W, H, case["bit"], case["symmetric"], gs, actorder=opts.actorder,
+                       static_groups=opts.static_groups)
+    assert torch.allclose(Q.double(), want, atol=1e-4), (Q.double() - want).abs().max()
+
+
+@pytest.mark.parametrize("special,words", [
+    ({"percdamp": 2.0}, ["quant.special.percdamp", "less than or equal to 1"]),
+    ({"percdamp": 0}, ["quant.special.percdamp", "greater than 0"]),
+    ({"owq": True}, ["quant.special.owq", "OWQ", "not implemented"]),
+    ({"chunk_num": 0}, ["quant.special.chunk_num"]),
+])
+def test_bad_options_are_refused_before_loading(make_config, wiki_files, special, words):
+    from llmc.config.checks import check_config
+    from llmc.config.loader import load_config
+    from llmc.errors import ConfigError
+
+    path = make_config({"calib": {"name": "wikitext2", "path": wiki_files["valid"], "n_samples": 4, "seq_len": 16},
+                        "quant": {"method": "GPTQ", "special": special}})
+    with pytest.raises(ConfigError) as err:
+        check_config(load_config(path))
+    for word in words:
+        assert word in str(err.value), str(err.value)
+
+
+def test_chunk_num_is_accepted_with_one_log_line():
+    """LLMC's chunk_num splits each Hessian's token sum (memory only): accepted, one line per run."""
+    from loguru import logger
+
+    from llmc.algorithms.gptq import GPTQ
+
+    seen = []
+    sink = logger.add(lambda m: seen.append(m.record["message"]), level="INFO")
+    try:
+        for chunks in (1, 4):
+            GPTQ(QuantArgs(bit=4), None, GPTQOptions.model_validate({"chunk_num": chunks}))
+    finally:
+        logger.remove(sink)
+    lines = [m for m in seen if "chunk_num" in m]
+    assert len(lines) == 1 and "chunk_num 4 only bounds memory" in lines[0]

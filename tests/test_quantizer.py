@@ -212,3 +212,87 @@ def test_fused_straight_through_matches_autograd_of_the_expression(symmetric, x_
     torch.testing.assert_close(got_out, ref, rtol=0, atol=1e-6)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+# ---- mse range search (GPTQ reference `find_params` / LLMC `get_mse_range`) ------------------------------
+def _qdq(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bit: int, symmetric: bool) -> torch.Tensor:
+    """Independent quantize-dequantize on llmc's signed grid [-2^(b-1), 2^(b-1)-1], float64, per row."""
+    qmin, qmax = -(2 ** (bit - 1)), 2 ** (bit - 1) - 1
+    if symmetric:
+        scale = torch.maximum(lo.abs(), hi.abs()) / ((qmax - qmin) / 2)
+        zero = torch.zeros_like(scale)
+    else:
+        lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+        scale = (hi - lo) / (qmax - qmin)
+        zero = torch.clamp(torch.round(qmin - lo / scale), qmin, qmax)
+    return (torch.clamp(torch.round(x / scale) + zero, qmin, qmax) - zero) * scale
+
+
+def _heavy_tailed_rows(seed=0, rows=24, cols=64):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g)
+    w[torch.arange(rows), torch.randint(0, cols, (rows,), generator=g)] *= 12  # one outlier per row
+    return w
+
+
+def test_mse_tries_the_reference_candidates(monkeypatch):
+    """maxshrink 0.8, grid 100: p = 1 - i/100 for i < 80 (down to 0.21 of the range), as GPTQ's reference."""
+    import llmc.quant.quantizer as qz
+
+    seen = []
+    real = qz.qparams_from_range
+
+    def spy(xmin, xmax, args):
+        seen.append(xmax[0, 0].item())
+        return real(xmin, xmax, args)
+
+    monkeypatch.setattr(qz, "qparams_from_range", spy)
+    x = torch.rand(3, 16)
+    x[0, 0] = 1.0  # row 0's max: the recorded value is p itself
+    calibrate(x, QuantArgs(bit=4, granularity="per_channel", calib_algo="mse", maxshrink=0.8, mse_grid=100))
+    reference = [1 - i / 100 for i in range(int(0.8 * 100))]
+    assert seen == pytest.approx(reference, abs=1e-7)
+
+
+@pytest.mark.parametrize("bit,symmetric,deep", [(2, False, True), (3, True, True), (4, False, False)])
+def test_mse_range_equals_brute_force_search(bit, symmetric, deep):
+    """The chosen scale of each row is the one of the shrink (from the reference's list) with the least
+    sum |x - Q(x)|^2.4, first on ties, recomputed here with an independent quantizer."""
+    w = _heavy_tailed_rows()
+    args = QuantArgs(bit=bit, symmetric=symmetric, granularity="per_channel", calib_algo="mse")
+    scale, zero = calibrate(grouped(w, args), args)
+    x = w.double()
+    lo, hi = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
+    ps = [1 - i / 100 for i in range(80)]
+    errs = torch.stack([(_qdq(x, p * lo, p * hi, bit, symmetric) - x).abs().pow(2.4).sum(1) for p in ps], 1)
+    best = errs.argmin(1)
+    if deep:  # some rows need a range below 0.8 of the full one (where the search used to stop)
+        assert min(ps[i] for i in best) < 0.75
+    for row in range(w.shape[0]):
+        p = ps[best[row]]
+        mine = _qdq(x[row:row + 1], p * lo[row:row + 1], p * hi[row:row + 1], bit, symmetric)
+        got = dequantize(quantize(grouped(w, args)[row:row + 1], scale[row:row + 1], zero[row:row + 1], args),
+                         scale[row:row + 1], zero[row:row + 1])
+        assert torch.allclose(got.double(), mine, atol=1e-5), (row, p)
+
+
+def test_mse_b_num_chunks_rows_with_the_same_result(monkeypatch):
+    """mse_b_num (from the config) splits the rows: each candidate's quantized copy holds a third of
+    them, and the parameters are those of one pass."""
+    import llmc.quant.quantizer as qz
+    from llmc.config.schema import QuantSpecCfg
+
+    spec = QuantSpecCfg(bit=3, symmetric=False, granularity="per_group", group_size=16, calib_algo="mse", mse_b_num=3)
+    chunked = QuantArgs.from_cfg(spec)
+    assert chunked.mse_b_num == 3
+    whole = QuantArgs(bit=3, symmetric=False, granularity="per_group", group_size=16, calib_algo="mse")
+    w = _heavy_tailed_rows(1, rows=20, cols=64)  # 80 groups: chunks of 27, 27, 26
+    rows_seen = []
+    real = qz._err
+    monkeypatch.setattr(qz, "_err", lambda xf, *a: rows_seen.append(xf.shape[0]) or real(xf, *a))
+    one = calibrate(grouped(w, whole), whole)
+    assert max(rows_seen) == 80
+    rows_seen.clear()
+    three = calibrate(grouped(w, chunked), chunked)
+    assert max(rows_seen) == 27 and sorted(set(rows_seen)) == [26, 27]
+    assert torch.equal(one[0], three[0]) and torch.equal(one[1], three[1])

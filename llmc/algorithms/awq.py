@@ -5,9 +5,14 @@ then an output-error search for per-group weight clipping (AutoAWQ's clip search
 
 As in AutoAWQ, all subset inputs are captured once from the float block; a fold divides the cached input
 of its own subset by s, and losses are summed over every calibration batch before ratios are compared.
+With an act section (W8A8, W4A4: step 1 of LLMC's awq_comb_omni) both searches quantize the inputs, as
+LLMC does: the scaled input x/s in the scale search, the sampled tokens in the clip search, each with the
+act quantizer made dynamic.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+from dataclasses import replace
 from typing import Callable, Literal, Optional
 
 import torch
@@ -16,6 +21,8 @@ from torch import nn
 
 from llmc.algorithms.base import Algorithm, Options
 from llmc.algorithms.equivalence import fold_plan, forward_loss, gram_loss
+from llmc.algorithms.smoothquant import _input_hooks, _smoothed_act_quant
+from llmc.quant.fake_linear import ActQuantizer
 from llmc.quant.quantizer import QuantArgs, calibrate, dequantize, fake_quant, grouped, qparams_from_range, quantize, row_range
 from llmc.registry import ALGORITHMS
 
@@ -24,7 +31,8 @@ class AwqOptions(Options):
     trans: bool = True
     trans_version: str = "v2"
     weight_clip: bool = True
-    clip_sym: Optional[bool] = None        # default: the weight quantizer's symmetry
+    # AutoAWQ clips to ±absmax; LLMC's default is the weight quantizer's symmetry (logged at the start)
+    clip_sym: bool = True
     # v1 clips the weights; v2 keeps the weights and puts the clip range in the quantizer (for OmniQuant's
     # LWC), as does weight calib_algo: learnable.
     clip_version: Literal["v1", "v2"] = "v1"
@@ -36,8 +44,10 @@ class AwqOptions(Options):
     scale_path: Optional[str] = None
     save_clip: bool = False
     clip_path: Optional[str] = None
-    awq_bs: Optional[int] = None           # LLMC key: batches are already split by calib.bs
-    save_mem: bool = True                  # LLMC key, accepted
+    # LLMC's memory knobs (its loss in chunks of awq_bs samples; tensors freed early): accepted, logged,
+    # unused: llmc's search runs one calibration batch (calib.bs) at a time.
+    awq_bs: Optional[int] = None
+    save_mem: bool = True
 
     def outputs(self) -> dict[str, Optional[str]]:
         out = {}
@@ -54,6 +64,22 @@ class Awq(Algorithm):
     Options = AwqOptions
     data_driven = True
     weight_calib_algos = ("learnable",)  # clips kept in the quantizer (not the weight) for OmniQuant's LWC
+
+    def __init__(self, wargs: Optional[QuantArgs], aargs: Optional[QuantArgs], options: AwqOptions):
+        super().__init__(wargs, aargs, options)
+        # dynamic, as LLMC's searches quantize activations (fake_quant_act_dynamic) whatever the final mode
+        self.search_act = ActQuantizer(replace(aargs, static=False)) if aargs is not None else None
+        if options.weight_clip:
+            logger.info("AWQ clip search: " + (
+                "symmetric, to ±absmax per group (AutoAWQ's); LLMC's default follows the weight quantizer's "
+                "symmetry: set clip_sym: False for asymmetric clipping" if options.clip_sym else
+                "asymmetric, [min, max] per group (clip_sym: False); AutoAWQ's is symmetric ±absmax (clip_sym: True)"))
+        if aargs is not None:
+            logger.info(f"AWQ: the scale and clip searches quantize activations ({self.search_act.args.describe()})")
+        ignored = sorted({"awq_bs", "save_mem"} & options.model_fields_set)
+        if ignored:
+            logger.info(f"AWQ: {'/'.join(ignored)} only bound memory in LLMC (loss in chunks of awq_bs samples, "
+                        "tensors freed early); llmc's search holds one calibration batch at a time: ignored")
 
     @classmethod
     def produces(cls, options: AwqOptions) -> set[str]:
@@ -128,27 +154,36 @@ class Awq(Algorithm):
         w_mean = None
         if opts.trans_version == "v1":
             w_mean = fold.reduce(sum(self._weight_mean(w) for w in originals) / len(originals), "mean")
-        if subset.inspect == layers[0] and len(layers) == 1 and not subset.has_kwargs:
+        act = self.search_act
+        # The Gram shortcut has no place for quantized inputs: with activation quantization, forwards.
+        if act is None and subset.inspect == layers[0] and len(layers) == 1 and not subset.has_kwargs:
             loss_of = gram_loss(ctx, linears[0], originals[0], xs)
         else:
             loss_of = forward_loss(job, subset, xs)
         best, best_loss = None, float("inf")
         losses = []
-        for r in range(opts.n_grid):
-            ratio = r / opts.n_grid
-            s = x_mean.pow(ratio) if w_mean is None else x_mean.pow(ratio) / w_mean.pow(1 - ratio)
-            s = s.clamp(min=1e-4)
-            s = s / (s.max() * s.min()).sqrt()
-            full = fold.expand(s)
+        try:
+            for r in range(opts.n_grid):
+                ratio = r / opts.n_grid
+                s = x_mean.pow(ratio) if w_mean is None else x_mean.pow(ratio) / w_mean.pow(1 - ratio)
+                s = s.clamp(min=1e-4)
+                s = s / (s.max() * s.min()).sqrt()
+                full = fold.expand(s)
+                for lin, w in zip(linears, originals):
+                    lin.weight.data.copy_(fake_quant(w * full.view(1, -1).to(w.dtype), self.wargs) / full.view(1, -1))
+                # Q(W s)/s on Q_a(x/s)·s is LLMC's Q(W s) on Q_a(x/s), without folding each candidate
+                hooks = nullcontext() if act is None else _input_hooks(
+                    linears, lambda x, full=full: _smoothed_act_quant(act, x, full, None))
+                with hooks:
+                    loss = loss_of()
+                losses.append(loss)
+                if loss < best_loss:
+                    best, best_loss = s.clone(), loss
+        finally:
             for lin, w in zip(linears, originals):
-                lin.weight.data.copy_(fake_quant(w * full.view(1, -1).to(w.dtype), self.wargs) / full.view(1, -1))
-            loss = loss_of()
-            losses.append(loss)
-            if loss < best_loss:
-                best, best_loss = s.clone(), loss
-        for lin, w in zip(linears, originals):
-            lin.weight.data.copy_(w)
-        logger.debug(f"AWQ {job.full_name(layers[0])}: best ratio {losses.index(best_loss) / opts.n_grid:.2f}")
+                lin.weight.data.copy_(w)
+        logger.debug(f"AWQ {job.full_name(layers[0])}: best ratio {losses.index(best_loss) / opts.n_grid:.2f} "
+                     f"(loss {best_loss:.6g})")
         return best
 
     def _weight_mean(self, w: torch.Tensor) -> torch.Tensor:
@@ -165,9 +200,8 @@ class Awq(Algorithm):
         """Search per-group clip values; apply them to the weight, or (weight `calib_algo: learnable`)
         keep the weight and put them in the quantizer, as the initial range OmniQuant's LWC refines."""
         opts: AwqOptions = self.options
-        sym = self.wargs.symmetric if opts.clip_sym is None else opts.clip_sym
-        lo, hi = clip_search(linear.weight.data, xs, self.wargs, sym, opts.clip_grid, opts.max_shrink, opts.clip_tokens,
-                             token_index, reduce)
+        lo, hi = clip_search(linear.weight.data, xs, self.wargs, opts.clip_sym, opts.clip_grid, opts.max_shrink,
+                             opts.clip_tokens, token_index, reduce, self.search_act)
         if not self._keeps_clips:
             w = linear.weight.data
             groups = lo.shape[1]
@@ -179,9 +213,11 @@ class Awq(Algorithm):
 @torch.no_grad()
 def clip_search(weight: torch.Tensor, xs: list[torch.Tensor], args: QuantArgs, sym: bool, grid: int = 20,
                 max_shrink: float = 0.5, n_tokens: int = 512, token_index: Optional[list[torch.Tensor]] = None,
-                reduce: Callable = lambda t: t) -> tuple[torch.Tensor, torch.Tensor]:
+                reduce: Callable = lambda t: t, act: Optional[Callable] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """AutoAWQ's clip search: per output channel and group, [min, max] shrunk by 1 - i/grid (i < max_shrink·grid)
     minimising the group's partial-output error on `n_tokens` sampled tokens. Returns ([out, groups] x 2).
+    With `act`, the candidates see quantized inputs and are compared with the float layer's output, as LLMC's
+    auto_clip does when activations are quantized.
 
     Each group's partial output x_g · w_g is a batched matmul over groups, so the search runs at
     matmul speed rather than as a broadcast multiply (30x faster on CPU). The sampled tokens are every
@@ -191,12 +227,21 @@ def clip_search(weight: torch.Tensor, xs: list[torch.Tensor], args: QuantArgs, s
     co, ci = w.shape
     gs = args.group_size if args.granularity == "per_group" else ci
     n_groups = ci // gs
-    x = torch.cat([t.reshape(-1, ci) for t in xs]).float().to(w.device)
-    index = torch.cat(token_index).to(w.device) if token_index is not None else torch.arange(x.shape[0], device=w.device)
-    step = max(1, int(reduce(torch.tensor(float(x.shape[0]), device=w.device)).item()) // n_tokens)
-    x = x[(index % step == 0) & (index < step * n_tokens)]
-    sampled = reduce(torch.tensor(float(x.shape[0]), device=w.device))
-    xg = x.view(-1, n_groups, gs).transpose(0, 1)                      # [G, T, gs]
+    sizes = [t.numel() // ci for t in xs]
+    index = torch.cat(token_index) if token_index is not None else torch.arange(sum(sizes))
+    step = max(1, int(reduce(torch.tensor(float(sum(sizes)), device=w.device)).item()) // n_tokens)
+    keep = ((index % step == 0) & (index < step * n_tokens)).split(sizes)
+
+    def sampled_tokens(batches) -> torch.Tensor:  # [G, T, gs], the kept tokens of every batch
+        x = torch.cat([t.reshape(-1, ci)[k.to(t.device)].float().to(w.device) for t, k in zip(batches, keep)])
+        return x.view(-1, n_groups, gs).transpose(0, 1)
+
+    xg = sampled_tokens(xs)
+    # With act, each batch is quantized as the model's forward would (each token over its full width);
+    # LLMC quantizes the grouped view [1, T, G, gs], where a per-token range covers one group of one token:
+    # a quirk not followed.
+    xq = xg if act is None else sampled_tokens([act(t) for t in xs])
+    sampled = reduce(torch.tensor(float(xg.shape[1]), device=w.device))
     # Bound the [G, T, rows] outputs; from the global count, so every rank makes the same reductions.
     chunk = max(1, (1 << 26) // (n_groups * max(1, int(sampled.item()))))
     lo_all, hi_all = [], []
@@ -215,7 +260,7 @@ def clip_search(weight: torch.Tensor, xs: list[torch.Tensor], args: QuantArgs, s
             flat = torch.clamp(wb, lo, hi).reshape(-1, gs)
             scale, zero = calibrate(flat, args)
             q = dequantize(quantize(flat, scale, zero, args), scale, zero).view_as(wb)
-            out = torch.bmm(xg, q.permute(1, 2, 0))
+            out = torch.bmm(xq, q.permute(1, 2, 0))
             err = reduce((out - org_out).pow(2).sum(dim=1)).div_(sampled).t().unsqueeze(-1)  # [rows, G, 1]
             better = err < best_err
             best_err = torch.where(better, err, best_err)

@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 from loguru import logger
+from pydantic import Field
 
 from llmc.algorithms.base import Algorithm, Options
 from llmc.quant.quantizer import QuantArgs, calibrate, dequantize, quantize
@@ -23,12 +24,12 @@ from llmc.registry import ALGORITHMS
 class GPTQOptions(Options):
     actorder: bool = False
     static_groups: bool = False
-    percdamp: float = 0.01
-    blocksize: int = 128
+    percdamp: float = Field(0.01, gt=0, le=1)  # dampening, a fraction of the Hessian's mean diagonal
+    blocksize: int = Field(128, ge=1)
     true_sequential: bool = True
-    # LLMC keys accepted for compatibility
-    owq: bool = False
-    chunk_num: int = 1
+    owq: bool = False  # LLMC's OWQ variant (outlier columns kept in float): refused in `check`
+    # LLMC accumulates each Hessian over chunk_num token chunks: the same sum in less memory.
+    chunk_num: int = Field(1, ge=1)
 
 
 GRAM_CHUNK = 192  # column block of the symmetric accumulation (fastest measured for 576 and 1536 inputs)
@@ -161,6 +162,21 @@ class GPTQ(Algorithm):
     Options = GPTQOptions
 
     data_driven = True
+
+    @classmethod
+    def check(cls, config) -> None:
+        from llmc.errors import ConfigError
+
+        opts = GPTQOptions.model_validate(config.quant.special)
+        if opts.owq:
+            raise ConfigError("quant.special.owq", "True: OWQ (LLMC's outlier-aware variant, owq with n_outs) is a "
+                              "separate method, not implemented in llmc yet; expected owq: False")
+
+    def __init__(self, wargs, aargs, options):
+        super().__init__(wargs, aargs, options)
+        if options.chunk_num != 1:
+            logger.info(f"GPTQ: chunk_num {options.chunk_num} only bounds memory in LLMC (each Hessian summed over "
+                        "that many token chunks, the same sum); llmc sums it in column blocks and ignores chunk_num")
 
     def hessians(self, job, inputs: list[str]) -> dict[str, torch.Tensor]:
         sums: dict[str, torch.Tensor] = {}

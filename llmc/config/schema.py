@@ -107,7 +107,8 @@ class QuantSpecCfg(Section):
     static: bool = False
     # Straight-through rounding gradients: what learned methods (OmniQuant) train with; None = the method's own.
     ste: Optional[bool] = None
-    # mse search: shrink the range down to maxshrink of its width over mse_grid steps, error norm mse_norm.
+    # mse search (GPTQ reference / LLMC): ranges p·[min, max], p = 1 - i/mse_grid for i < maxshrink·mse_grid;
+    # error norm mse_norm; rows in mse_b_num chunks (memory only).
     maxshrink: float = Field(0.8, gt=0, le=1)
     mse_grid: int = Field(100, ge=1)
     mse_norm: float = Field(2.4, gt=0)

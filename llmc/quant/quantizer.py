@@ -29,6 +29,7 @@ class QuantArgs:
     maxshrink: float = 0.8
     mse_grid: int = 100
     mse_norm: float = 2.4
+    mse_b_num: int = 1
     percentile: float = 99.99
     scale_dtype: Optional[str] = None
 
@@ -165,18 +166,32 @@ def row_range(xg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return xg.amin(dim=-1, keepdim=True), xg.amax(dim=-1, keepdim=True)
 
 
+def mse_shrinks(args: QuantArgs) -> list[float]:
+    """The fractions p of each row's range the mse search tries, as GPTQ's reference (`find_params`) and
+    LLMC: p = 1 - i/mse_grid for i < maxshrink·mse_grid (0.8 and 100: 80 ranges, down to 0.21 of the full)."""
+    return [1 - i / args.mse_grid for i in range(max(1, int(args.maxshrink * args.mse_grid)))]
+
+
 def mse_qparams(xg: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
-    """Grid search over shrunken ranges [p·min, p·max], p from 1 down to maxshrink, keeping per row the
-    candidate with the smallest sum |x - Q(x)|^norm. p = 1 is the minmax candidate, so never worse."""
+    """Grid search over shrunken ranges [p·min, p·max] (`mse_shrinks`), keeping per row the first candidate
+    with the smallest sum |x - Q(x)|^norm; p = 1 is the minmax candidate, so never worse. The rows are
+    searched in `mse_b_num` chunks, as LLMC does to bound the memory of each candidate's quantized copy
+    (a chunk's rows at a time); the result does not depend on it."""
     xf = xg.float()
+    chunks = torch.tensor_split(xf, max(1, min(args.mse_b_num, xf.shape[0])), dim=0)
+    found = [_mse_rows(rows, args) for rows in chunks]
+    return torch.cat([f[0] for f in found]), torch.cat([f[1] for f in found])
+
+
+def _mse_rows(xf: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
     xmin, xmax = row_range(xf)
-    best_scale, best_zero = qparams_from_range(xmin, xmax, args)
-    best_err = _err(xf, best_scale, best_zero, args)
-    steps = max(1, int(round(args.mse_grid * (1 - args.maxshrink))))
-    for i in range(1, steps + 1):
-        p = 1 - i / args.mse_grid
+    best_scale = best_zero = best_err = None
+    for p in mse_shrinks(args):
         scale, zero = qparams_from_range(p * xmin, p * xmax, args)
         err = _err(xf, scale, zero, args)
+        if best_err is None:
+            best_scale, best_zero, best_err = scale, zero, err
+            continue
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)

@@ -3,9 +3,11 @@ transformations (LET: per-channel scales and shifts in front of each subset) wit
 MSE between the quantized block's output and the float block's output on the float stream (plus, with
 `aug_loss`, the float block's output on the block's own inputs); then fold everything into the weights.
 
-LLMC's hand-off: LWC may start from AWQ's clips (`load_clip` + `clip_path`, or `search_clip_init` to run
-AWQ's clip search here) and LET from saved AWQ/SmoothQuant scales (`search_scale_init` + `scale_path`),
-so a few epochs suffice.
+LWC starts as the reference's (bounds sigmoid(4)·[min, max] per row), or with weight `calib_algo: mse` at
+the mse-searched range. LLMC's hand-off: LWC may start from AWQ's clips (`load_clip` + `clip_path`, or
+`search_clip_init` to run AWQ's clip search here; linears without a clip start at their full range, as
+AWQ left them) and LET from saved AWQ/SmoothQuant scales (`search_scale_init` + `scale_path`), so a few
+epochs suffice; with `epochs: 0` the fake-quant weights are AWQ's bit for bit.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Literal, Optional
 
 import torch
 from loguru import logger
+from pydantic import Field
 from torch import nn
 
 from llmc.algorithms.awq import clip_search
@@ -24,7 +27,6 @@ from llmc.engine.block import block_output
 from llmc.errors import ConfigError, UserError
 from llmc.quant.fake_linear import QuantLinear
 from llmc.quant.learnable import LearnableClip, add_let, fold_let
-from llmc.quant.quantizer import grouped
 from llmc.registry import ALGORITHMS
 
 
@@ -34,7 +36,7 @@ class OmniQuantOptions(Options):
     lwc_lr: float = 0.01
     let_lr: float = 0.005
     wd: float = 0.0
-    epochs: int = 5
+    epochs: int = Field(5, ge=0)
     aug_loss: bool = False
     alpha: float = 0.5
     use_shift: bool = False
@@ -62,6 +64,7 @@ class OmniQuantOptions(Options):
 @ALGORITHMS.register("OmniQuant")
 class OmniQuant(Algorithm):
     name = "OmniQuant"
+    keeps_float = True  # float weights change only by folds (LWC moves the grid, not the weights)
     Options = OmniQuantOptions
     data_driven = True
     needs_targets = True
@@ -148,6 +151,9 @@ class OmniQuant(Algorithm):
                 s = smoothing_scales(x_absmax, w_absmax, opts.alpha)
             scale = nn.Parameter(s.clone())
             add_let(fold, scale, shift)
+            check = getattr(fold, "check", None)  # the fold guard names a wrong fold by its subset
+            if check is not None:
+                check()
             params += [scale] + ([shift] if shift is not None else [])
             divisors[subset.input] = (fold.expand(scale.detach()), None if shift is None else fold.expand(shift.detach()))
         return params, divisors
@@ -162,12 +168,9 @@ class OmniQuant(Algorithm):
                 q = qlinears[name]
                 with torch.no_grad():
                     weight = q.weight.detach()  # LET-transformed at its initial value
-                rows = grouped(weight, self.wargs).shape[0]
-                up = low = None
                 full = job.full_name(name)
                 if f"{full}.max" in clips:
-                    up, low = LearnableClip.factors_from_range(weight, self.wargs, clips[f"{full}.min"].to(weight.device),
-                                                               clips[f"{full}.max"].to(weight.device))
+                    q.lwc = LearnableClip.from_clip(weight, self.wargs, clips[f"{full}.min"], clips[f"{full}.max"])
                 elif feats is not None and name not in job.score_layers:
                     xs = feats[subset.input]
                     if subset.input in divisors:
@@ -176,8 +179,13 @@ class OmniQuant(Algorithm):
                     sym = self.wargs.symmetric
                     c_lo, c_hi = clip_search(weight, xs, self.wargs, sym, opts.clip_grid, opts.max_shrink,
                                              opts.clip_tokens, job.inputs.token_index, job.ctx.reduce)
-                    up, low = LearnableClip.factors_from_range(weight, self.wargs, c_lo, c_hi)
-                q.lwc = LearnableClip(rows, self.wargs, up, low, device=weight.device)
+                    q.lwc = LearnableClip.from_clip(weight, self.wargs, c_lo, c_hi)
+                elif clips or feats is not None or self.wargs.calib_algo == "mse" or not opts.lwc:
+                    # the quantizer's own range (minmax or mse): where AWQ left q/k, and all of LWC's
+                    # grid when LWC is off
+                    q.lwc = LearnableClip.from_range(weight, self.wargs)
+                else:
+                    q.lwc = LearnableClip(weight, self.wargs)  # the reference's start, sigmoid(4)
                 params += [p for p in q.lwc.parameters()]
         if clips and not any(f"{job.full_name(n)}.max" in clips for n in qlinears):
             raise UserError(f"OmniQuant: the clip file has no entry for any linear of {job.name} "

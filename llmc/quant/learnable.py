@@ -13,53 +13,106 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from llmc.quant.quantizer import QuantArgs, grouped, qparams_from_range, quant_dequant, row_range
+from llmc.quant.quantizer import (QuantArgs, dequantize, grouped, mse_shrinks, qparams_from_range, quant_dequant,
+                                  quantize, row_range)
 
-LWC_INIT = 4.0  # OmniQuant's initial logit: factors are sigmoid(p) / sigmoid(LWC_INIT), exactly 1 at init
+LWC_INIT = 4.0  # OmniQuant's initial logit: from scratch, bounds start at sigmoid(4) ≈ 0.982 of each row's min/max
+_LOGIT_MIN = -16.0  # a start at factor 0 (a bound of 0) keeps a finite logit
 
 
 class LearnableClip(nn.Module):
-    """Per row of grouped(weight): learnable factors on the row's max (and min, asymmetric) through a
-    sigmoid. A factor of 1 is the full range (RTN); factors may reach 1/sigmoid(4) ≈ 1.018."""
+    """OmniQuant's LWC on each row of grouped(weight): hi = sigmoid(up)·max, lo = sigmoid(low)·min, the
+    grid from [lo, hi] (symmetric: absmax = max(|lo|, |hi|), so both factors learn, as in the reference).
 
-    def __init__(self, rows: int, args: QuantArgs, up: Optional[torch.Tensor] = None,
-                 low: Optional[torch.Tensor] = None, device=None):
+    A start other than the reference's (AWQ's clips, an mse-searched range) is exact at step 0 and keeps
+    the reference's gradient: bound = sigmoid(p)·w + r, p starts at p0 = logit(b0 / w) and r = b0 -
+    sigmoid(p0)·w is a constant buffer. A logit round trip alone is off by an ulp in float32 and moves
+    grid points; r is that ulp, computed exactly (Sterbenz: both terms within a factor 2), so sigmoid(p0)·w
+    + r == b0 bit for bit. From scratch r = 0 and the bound is the reference's formula itself.
+
+    A start above sigmoid(4)·w (AWQ kept more than 98.2% of a row's range, or all of it) would need a
+    saturated logit with no gradient (LLMC's logit(1) = inf freezes such rows); it starts at p0 = 4
+    instead, r holding the rest. So that no factor exceeds 1, every bound is capped at the row's own
+    min/max, with a straight-through gradient (Adam can still bring a capped factor back)."""
+
+    def __init__(self, weight: torch.Tensor, args: QuantArgs, lo: Optional[torch.Tensor] = None,
+                 hi: Optional[torch.Tensor] = None):
         super().__init__()
         self.args = replace(args, ste=True)
-        self.up = nn.Parameter(self._logit(up, rows, device))
-        self.low = None if args.symmetric else nn.Parameter(self._logit(low, rows, device))
+        wmin, wmax = row_range(grouped(weight.detach(), self.args).float())
+        if hi is None:
+            up0 = low0 = torch.full_like(wmax, LWC_INIT)
+            r_up = r_low = torch.zeros_like(wmax)
+        else:
+            up0, r_up = _start(hi.reshape(wmax.shape).to(wmax), wmax)
+            low0, r_low = _start(lo.reshape(wmin.shape).to(wmin), wmin)
+        self.up, self.low = nn.Parameter(up0), nn.Parameter(low0)
+        self.register_buffer("r_up", r_up)
+        self.register_buffer("r_low", r_low)
 
-    @staticmethod
-    def _logit(factor: Optional[torch.Tensor], rows: int, device) -> torch.Tensor:
-        if factor is None:
-            return torch.full((rows, 1), LWC_INIT, device=device)
-        target = (factor.reshape(rows, 1).float() * torch.sigmoid(torch.tensor(LWC_INIT))).clamp(1e-4, 1 - 1e-6)
-        logit = torch.log(target / (1 - target))
-        logit[factor.reshape(rows, 1) >= 1] = LWC_INIT  # exactly the full range, not its logit round trip
-        return logit.to(device)
+    @classmethod
+    def from_clip(cls, weight: torch.Tensor, args: QuantArgs, lo: torch.Tensor, hi: torch.Tensor) -> "LearnableClip":
+        """Starts at AWQ's grid for clip values [lo, hi] (AWQ's clip search, one row each): the clipped
+        weight's range [max(lo, min), min(hi, max)], as AWQ's quantizer computes it."""
+        wmin, wmax = row_range(grouped(weight.detach(), args).float())
+        lo, hi = lo.reshape(wmin.shape).to(wmin), hi.reshape(wmax.shape).to(wmax)
+        return cls(weight, args, torch.maximum(lo, wmin), torch.minimum(hi, wmax))
 
-    @staticmethod
-    def _factor(p: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(p) / torch.sigmoid(torch.full_like(p, LWC_INIT))
+    @classmethod
+    def from_range(cls, weight: torch.Tensor, args: QuantArgs) -> "LearnableClip":
+        """Starts where the quantizer's own calibration puts the grid: the mse-searched range
+        (`calib_algo: mse`) or the full range."""
+        wg = grouped(weight.detach(), args).float()
+        return cls(weight, args, *(mse_range(wg, args) if args.calib_algo == "mse" else row_range(wg)))
+
+    def bounds(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        wmin, wmax = row_range(grouped(weight, self.args).float())
+        return (_capped(torch.sigmoid(self.low) * wmin + self.r_low, wmin),
+                _capped(torch.sigmoid(self.up) * wmax + self.r_up, wmax))
 
     def qparams(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        wmin, wmax = row_range(grouped(weight, self.args).float())
-        up = self._factor(self.up) * wmax
-        low = self._factor(self.low) * wmin if self.low is not None else wmin
-        return qparams_from_range(low, up, self.args)
+        return qparams_from_range(*self.bounds(weight), self.args)
 
     def fake_quant(self, weight: torch.Tensor) -> torch.Tensor:
         wg = grouped(weight, self.args).float()
         scale, zero = self.qparams(weight)
         return quant_dequant(wg, scale, zero, self.args).reshape(weight.shape).to(weight.dtype)
 
-    @staticmethod
-    def factors_from_range(weight: torch.Tensor, args: QuantArgs, lo: torch.Tensor, hi: torch.Tensor):
-        """Initial factors reproducing absolute clip values [lo, hi] (AWQ's clip search) on `weight`."""
-        wmin, wmax = row_range(grouped(weight, args).float())
-        up = (hi.reshape(wmax.shape).float() / wmax.where(wmax.abs() > 1e-12, torch.ones_like(wmax))).clamp(0, 1)
-        low = (lo.reshape(wmin.shape).float() / wmin.where(wmin.abs() > 1e-12, -torch.ones_like(wmin))).clamp(0, 1)
-        return up, low
+
+def _start(b0: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(p0, r) with sigmoid(p0)·w + r == b0 exactly, for a bound b0 between 0 and the row's w."""
+    f = torch.where(w != 0, b0 / torch.where(w != 0, w, torch.ones_like(w)), torch.ones_like(w))
+    f = f.clamp(0, 1)
+    p0 = torch.where(f < torch.sigmoid(torch.tensor(LWC_INIT)).item(), torch.log(f) - torch.log1p(-f),
+                     torch.full_like(f, LWC_INIT)).clamp(min=_LOGIT_MIN)
+    return p0, b0 - torch.sigmoid(p0) * w
+
+
+def _capped(bound: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The bound kept between 0 and w (a factor in [0, 1]); the gradient passes straight through."""
+    over = bound - torch.minimum(torch.maximum(bound, w.clamp(max=0)), w.clamp(min=0))
+    return bound - over.detach()
+
+
+@torch.no_grad()
+def mse_range(wg: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The range [p·min, p·max] per row that `mse_qparams` chooses (its candidates, error and ties), so
+    LWC can start from it: qparams_from_range of it is mse_qparams' (scale, zero)."""
+    xf = wg.float()
+    xmin, xmax = row_range(xf)
+    best_lo = best_hi = best_err = None
+    for p in mse_shrinks(args):
+        lo, hi = p * xmin, p * xmax
+        scale, zero = qparams_from_range(lo, hi, args)
+        err = (dequantize(quantize(xf, scale, zero, args), scale, zero) - xf).abs().pow(args.mse_norm)
+        err = err.sum(dim=-1, keepdim=True)
+        if best_err is None:
+            best_lo, best_hi, best_err = lo, hi, err
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_lo, best_hi = torch.where(better, lo, best_lo), torch.where(better, hi, best_hi)
+    return best_lo, best_hi
 
 
 # ---- LET parametrizations --------------------------------------------------------------------------

@@ -16,6 +16,9 @@ AWQ = "configs/quantization/methods/Awq/awq_w_only.yml"
 EVAL = ["eval.num_samples=40", "eval.seq_len=2048", "eval.eval_pos=[fake_quant]", "eval.compute_dtype=float32"]
 ROWS = {  # in the order they run: peer comparisons first, the long AWQ rows last
     "AWQ W4 (64 samples)": (AWQ, ["calib.n_samples=64"]),
+    # The shipped config clips asymmetrically (clip_sym: False, LLMC's default for asymmetric weights);
+    # llmc's default without the key is AutoAWQ's ±absmax clip.
+    "AWQ W4 (64 samples), clip_sym True": (AWQ, ["calib.n_samples=64", "quant.special.clip_sym=True"]),
     "GPTQ W4": (GPTQ, []),
     "GPTQ W3": (GPTQ, ["quant.weight.bit=3"]),
     "GPTQ W2": (GPTQ, ["quant.weight.bit=2"]),

@@ -49,43 +49,69 @@ def test_blockwise_pass_reproduces_the_model(family):
         assert (model(ids).logits - reference.logits).abs().max().item() == 0  # the no-op changed nothing
 
 
-class TrackingContext(RunContext):
-    """Counts blocks moved to the compute device; a block's forward asserts it is the only one there."""
+def _tensors(module):
+    return list(module.named_parameters()) + list(module.named_buffers())
 
-    def __init__(self, blocks):
-        super().__init__()
-        self.blocks = set(map(id, blocks))
-        self.resident = set()
-        self.max_resident = 0
 
-    def onload(self, module):
-        if id(module) in self.blocks:
-            self.resident.add(id(module))
-            self.max_resident = max(self.max_resident, len(self.resident))
-        return module
+class MetaOffload(RunContext):
+    """The real RunContext with offload_device 'meta': its real offload moves a module's tensors to the meta
+    device, where they hold no values and cannot take part in a forward, so which blocks are on the compute
+    device is observable from their tensors' devices. The values are kept aside here and put back before
+    the real onload (which cannot copy values out of meta)."""
+
+    def __init__(self):
+        super().__init__(offload_device=torch.device("meta"))
+        self.kept = {}
 
     def offload(self, module, changed=False):
-        self.resident.discard(id(module))
-        return module
+        if not any(t.is_meta for _, t in _tensors(module)):
+            self.kept[id(module)] = {n: t.detach().clone() for n, t in _tensors(module)}
+        return super().offload(module, changed)
+
+    def onload(self, module):
+        kept = self.kept.pop(id(module), None)
+        if kept is not None and any(t.is_meta for _, t in _tensors(module)):
+            module.to_empty(device=torch.device("cpu"))
+            with torch.no_grad():
+                for n, t in _tensors(module):
+                    t.copy_(kept[n])
+        return super().onload(module)
+
+
+def _on_device(module) -> bool:
+    return all(not t.is_meta for _, t in _tensors(module))
 
 
 def test_only_one_block_is_on_the_device_at_a_time():
+    """Blocks start offloaded (as a model loaded on CPU for a GPU run); at every block forward of the
+    quantization pass and the blockwise evaluation, that block and no other is on the compute device."""
     model, adapter, ids = _setup("llama")
-    blocks = list(adapter.block_list())
-    ctx = TrackingContext(blocks)
+    with torch.no_grad():
+        reference = model(ids).logits
+    ctx = MetaOffload()
+    blocks = adapter.block_list()
+    for i in range(len(blocks)):
+        blocks[i] = ctx.offload(blocks[i])
     forwards = []
 
     def check(module, args):
-        assert ctx.resident == {id(module)}, "a block ran without being the one block on the device"
-        forwards.append(module)
+        where = [_on_device(b) for b in adapter.block_list()]
+        assert where == [b is module for b in adapter.block_list()], f"blocks on the device: {where}"
+        forwards.append(where.index(True))
 
     handles = [b.register_forward_pre_hook(check) for b in blocks]
     quantize_blocks(model, adapter, Recording(), [ids], set(), ctx, quant_out=True)
-    forward_per_block(model, adapter, [ids], ctx)
+    assert not any(_on_device(b) for b in adapter.block_list())  # every block offloaded after its turn
+    quantized, forwards[:] = list(forwards), []
+    hidden = torch.cat(forward_per_block(model, adapter, [ids], ctx))
     for h in handles:
         h.remove()
-    assert ctx.max_resident == 1 and ctx.resident == set()
-    assert len(forwards) == 3 * len(blocks)  # targets + next inputs per block, then the eval pass
+    # each block's forwards (targets, next inputs, any checks) in block order, then one eval pass
+    assert quantized == sorted(quantized) and set(quantized) == {0, 1, 2} and forwards == [0, 1, 2]
+    for module in list(adapter.block_list()) + [get_module(model, n) for n in adapter.present(adapter.final)]:
+        ctx.onload(module)
+    with torch.no_grad():  # the values travelled intact
+        assert (get_module(model, adapter.lm_head)(hidden) - reference).abs().max().item() < 1e-5
 
 
 def test_captured_kwargs_drop_the_cache():

@@ -45,16 +45,25 @@ def test_kv_quant_is_scoped_and_grows_with_fewer_bits(family):
     assert torch.equal(after, ref)  # leaving the context restores the model's own attention
 
 
-def test_fake_quant_with_and_without_kv_through_cli(make_config, tmp_path):
+def test_fake_quant_with_and_without_kv_through_cli(make_config, tmp_path, wiki_files):
+    """fake_quant and fake_quant_wo_kv equal plain transformers' PPL of the RTN W8 model with, and without,
+    a cache written here that stores keys (after RoPE) and values on a 2-bit per-token grid."""
+    from test_rtn_cli import KVQuantCache, _windows, hf_ppl, rtn_reference, rtn_sym_rows
+
     path = make_config({
         "quant": {"weight": {"bit": 8, "symmetric": True, "granularity": "per_channel", "group_size": -1},
                   "kvcache": {"method": "Naive", "bit": 2, "symmetric": True, "granularity": "per_token"}},
         "eval": {"eval_pos": ["fake_quant", "fake_quant_wo_kv"]},
     })
     assert main(["--config", path]) == 0
-    evals = {e["pos"]: e["ppl"] for e in json.loads((tmp_path / "out" / "results.json").read_text())["evals"]}
-    # a random tiny model sits near uniform PPL, so 2-bit KV noise may move it either way: it must move
-    assert abs(evals["fake_quant"] / evals["fake_quant_wo_kv"] - 1) > 1e-3
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    evals = {e["pos"]: e["ppl"] for e in res["evals"]}
+    reference = rtn_reference(res["config"]["model"]["path"], lambda w: rtn_sym_rows(w, 8))
+    windows = _windows(wiki_files["test"])
+    kv = hf_ppl(reference, windows, cache=lambda: KVQuantCache(reference.config, 2))
+    assert evals["fake_quant"] == pytest.approx(kv, rel=1e-5)
+    assert evals["fake_quant_wo_kv"] == pytest.approx(hf_ppl(reference, windows), rel=1e-5)
+    assert abs(kv / evals["fake_quant_wo_kv"] - 1) > 1e-3  # 2-bit keys and values do move the PPL
 
 
 def test_unknown_kv_method_is_a_config_error(make_config, capsys):

@@ -61,26 +61,36 @@ def test_lm_eval_on_the_in_memory_model(make_config, tmp_path, wiki_files, tiny_
     for (_, metric), e in got.items():
         assert e["task"] == (ROLLING if metric == "bits_per_byte" else TASK) and e["samples"] == len(DOCS)
         assert math.isfinite(e["value"]) and 0 <= e["value"] <= (1 if metric != "bits_per_byte" else 100)
-    # the quantized model was scored, not the float one
-    assert got[("fake_quant", "bits_per_byte")]["value"] != got[("pretrain", "bits_per_byte")]["value"]
     assert {e["pos"] for e in res["evals"] if "ppl" in e} == {"pretrain", "fake_quant"}  # PPL rows unchanged
     out = capsys.readouterr().out
     assert "acc_norm" in out and "windows x seq_len" in out  # both tables in the summary
     assert "acc_norm" in (tmp_path / "out" / "results.md").read_text()
 
-    # lm-eval on the same checkpoint, loaded by transformers and scored by lm-eval alone
+    # lm-eval alone on the checkpoint, and on it rounded to nearest by test_rtn_cli's formula (RTN W4 g32):
+    # llmc scored the float model at pretrain and the quantized one at fake_quant
+    from test_rtn_cli import rtn_reference
+    from transformers import AutoModelForCausalLM
+
+    original = AutoModelForCausalLM.from_pretrained(tiny_dir("llama"))
+    for pos, model in (("pretrain", original), ("fake_quant", rtn_reference(tiny_dir("llama")))):
+        direct = direct_lm_eval(model, tiny_dir("llama"), include, [TASK, ROLLING])
+        for metric in metrics:
+            expected = direct["results"][ROLLING if metric == "bits_per_byte" else TASK][f"{metric},none"]
+            assert got[(pos, metric)]["value"] == pytest.approx(expected, rel=1e-6, abs=1e-9), (pos, metric)
+    assert got[("fake_quant", "bits_per_byte")]["value"] != pytest.approx(got[("pretrain", "bits_per_byte")]["value"],
+                                                                          rel=1e-4)  # the two are told apart
+
+
+def direct_lm_eval(model, tokenizer_path, include, tasks, **kwargs):
+    """lm-eval's own scoring of an in-memory transformers model on the local tasks."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir("llama"))
-    lm = HFLM(pretrained=model, tokenizer=AutoTokenizer.from_pretrained(tiny_dir("llama")), batch_size=4)
-    direct = lm_eval.simple_evaluate(model=lm, tasks=[TASK, ROLLING], num_fewshot=0, log_samples=False,
-                                     task_manager=TaskManager(include_path=include, include_defaults=False))
-    for metric in metrics:
-        expected = direct["results"][ROLLING if metric == "bits_per_byte" else TASK][f"{metric},none"]
-        assert got[("pretrain", metric)]["value"] == pytest.approx(expected, rel=1e-6, abs=1e-9)
+    lm = HFLM(pretrained=model, tokenizer=AutoTokenizer.from_pretrained(tokenizer_path), batch_size=4)
+    return lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=0, log_samples=False,
+                                   task_manager=TaskManager(include_path=include, include_defaults=False), **kwargs)
 
 
 @pytest.mark.parametrize("changes, words", [
@@ -121,12 +131,24 @@ def test_missing_package_named(make_config, tmp_path, capsys, monkeypatch):
     assert "eval.type" in err and "lm-eval" in err and "llmc[eval]" in err
 
 
-def test_kv_cache_quantization_reaches_lm_eval(make_config, tmp_path):
-    """fake_quant scores with the KV-cache quantizers on, fake_quant_wo_kv without: the hooks apply to lm-eval too."""
-    section = lm_eval_section(write_task(tmp_path), tasks=[ROLLING], eval_pos=["fake_quant", "fake_quant_wo_kv"],
-                              limit=4)
+def test_kv_cache_quantization_reaches_lm_eval(make_config, tmp_path, tiny_dir):
+    """fake_quant scores with the KV-cache quantizers on, fake_quant_wo_kv without: lm-eval alone on the RTN
+    model gives the same numbers with test_rtn_cli's quantizing cache, and without it."""
+    from test_rtn_cli import KVQuantCache, rtn_reference
+
+    include = write_task(tmp_path)
+    section = lm_eval_section(include, tasks=[ROLLING], eval_pos=["fake_quant", "fake_quant_wo_kv"], limit=4)
     path = make_config({"eval": section, "quant": {"kvcache": {"bit": 2, "granularity": "per_token"}}})
     assert main(["--config", path]) == 0
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     bpb = {e["pos"]: e["value"] for e in res["evals"]}
-    assert set(bpb) == {"fake_quant", "fake_quant_wo_kv"} and bpb["fake_quant"] != bpb["fake_quant_wo_kv"]
+    assert set(bpb) == {"fake_quant", "fake_quant_wo_kv"}
+
+    model = rtn_reference(tiny_dir("llama"))
+    plain = model.forward
+    expected = {"fake_quant_wo_kv": direct_lm_eval(model, tiny_dir("llama"), include, [ROLLING], limit=4)}
+    model.forward = lambda *a, **k: plain(*a, **{**k, "cache": KVQuantCache(model.config, 2), "use_cache": True})
+    expected["fake_quant"] = direct_lm_eval(model, tiny_dir("llama"), include, [ROLLING], limit=4)
+    for pos, direct in expected.items():
+        assert bpb[pos] == pytest.approx(direct["results"][ROLLING]["bits_per_byte,none"], rel=1e-6), pos
+    assert bpb["fake_quant"] != pytest.approx(bpb["fake_quant_wo_kv"], rel=1e-4)  # the two are told apart

@@ -231,6 +231,8 @@ def test_evaluation_text_shorter_than_one_window(tmp_path, make_config, capsys, 
     ({"quant": {"method": "GPTQ", "special": {"actordr": True}}},  # the algorithm's options, not the sections
      ["quant.special.actordr", "Did you mean 'actorder'", "Allowed here: actorder", "percdamp"]),
     ({"quant": {"weight": {"ste": True}}}, ["quant.weight.ste", "RTN"]),
+    ({"quant": {"method": "SmoothQuant", "act": {"bit": 8, "granularity": "per_token"},
+                "special": {"alpha": 0.7, "alpha_min": 0.3}}}, ["quant.special.alpha_min", "alpha_search"]),
     ({"quant": {"weight": {"head_num": 4}}}, ["quant.weight", "head_num", "per_head"]),
     ({"quant": {"weight": {"bit": "e4m3", "symmetric": False, "granularity": "per_channel", "group_size": -1}}},
      ["quant.weight", "e4m3", "symmetric"]),

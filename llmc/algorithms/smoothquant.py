@@ -56,6 +56,7 @@ class SmoothQuantOptions(Options):
 @ALGORITHMS.register("SmoothQuant")
 class SmoothQuant(Algorithm):
     name = "SmoothQuant"
+    keeps_float = True  # float weights change only by folds
     Options = SmoothQuantOptions
     data_driven = True
 
@@ -68,6 +69,18 @@ class SmoothQuant(Algorithm):
         opts = SmoothQuantOptions.model_validate(config.quant.special)
         if not 0 <= opts.alpha <= 1:
             raise ConfigError("quant.special.alpha", f"{opts.alpha}: expected a value in [0, 1]")
+        if opts.alpha_search and "alpha" in opts.model_fields_set:
+            # the search never reads alpha: refusing beats running with a value the user did not get
+            raise ConfigError("quant.special.alpha", f"{opts.alpha} is not used with alpha_search: True; the "
+                              "search picks one alpha per subset from the grid alpha_min..alpha_max by "
+                              "alpha_step: remove alpha (or set alpha_search: False to use it)")
+        grid = sorted({"alpha_min", "alpha_max", "alpha_step"} & opts.model_fields_set)
+        if grid and not opts.alpha_search:
+            raise ConfigError(f"quant.special.{grid[0]}", f"{getattr(opts, grid[0])} defines alpha_search's grid, "
+                              f"which is off: set alpha_search: True, or remove {', '.join(grid)} (alpha "
+                              f"{opts.alpha} is used)")
+        if opts.alpha_search and not opts.alpha_step > 0:
+            raise ConfigError("quant.special.alpha_step", f"{opts.alpha_step}: expected a step > 0")
         if opts.alpha_search and not 0 <= opts.alpha_min <= opts.alpha_max <= 1:
             raise ConfigError("quant.special.alpha_min", f"[{opts.alpha_min}, {opts.alpha_max}]: expected "
                               "0 <= alpha_min <= alpha_max <= 1")

@@ -9,8 +9,7 @@ scales by 1 + w, a post-LayerNorm block) is caught on the first block instead of
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -73,22 +72,6 @@ def _first_sample(value: Any, batch: int) -> Any:
     return value
 
 
-@contextmanager
-def _float_block(block: nn.Module) -> Iterator[None]:
-    """The block as its transformed float self: every fake-quant linear (and activation quantizer) off."""
-    from llmc.quant.fake_linear import QuantLinear
-
-    modules = [m for m in block.modules() if isinstance(m, QuantLinear)]
-    before = [m.quant_enabled for m in modules]
-    for m in modules:
-        m.quant_enabled = False
-    try:
-        yield
-    finally:
-        for m, state in zip(modules, before):
-            m.quant_enabled = state
-
-
 class FloatCheck:
     """The float block's output on one calibration sample, recorded before any transform."""
 
@@ -103,8 +86,9 @@ class FloatCheck:
     @torch.no_grad()
     def _run(self, block: nn.Module) -> torch.Tensor:
         from llmc.engine.block import block_output
+        from llmc.quant.fake_linear import quant_disabled
 
-        with _float_block(block):
+        with quant_disabled(block):  # the block as its transformed float self
             out = block_output(block(self.hidden.to(_dtype_of(block)), *self.args, **self.kwargs))
         return out.float()
 

@@ -4,8 +4,11 @@ GPTQ and compressed-tensors checkpoints, and RTN W8A8 (per-token dynamic activat
 For each checkpoint: unpack it with the format's documented layout (the unpackers of
 tests/test_export_packed.py, independent of llmc's packers) and compare with the fake-quant weights bit
 for bit; load the compressed-tensors folder with transformers on CPU (weights dequantized; input activations
-quantized by compressed-tensors with the scheme in the checkpoint's config) and measure its PPL on the same 40
-windows as the run's fake-quant PPL; report the checkpoint sizes against the float one.
+quantized by compressed-tensors with the scheme in the checkpoint's config) and measure its PPL on
+the same 40 windows as the run's fake-quant PPL; report the checkpoint sizes against the float one. Where the
+GPTQModel venv of tests/test_export_clients_gptqmodel.py exists, GPTQModel loads the GPTQ and AutoAWQ folders
+(its CPU kernels, bfloat16 as it picks on CPU): the weights it computes with, in quantization steps from the
+fake-quant ones, its logits on the first window and its PPL on the 40.
 
     python bench/export_smollm2.py [--redo]   # writes bench/results/export_smollm2.{json,md}
 """
@@ -48,11 +51,13 @@ def packed_equal(folder: Path, ref: dict[str, torch.Tensor], fmt: str, bits: int
     from test_export_packed import awq_dequant, gptq_dequant
 
     t = load_file(str(folder / "model.safetensors"))
+    qc = json.loads((folder / "config.json").read_text())["quantization_config"]
     for name, w in ref.items():
         if fmt == "awq":
             got = awq_dequant({k: t[f"{name}.{k}"] for k in ("qweight", "qzeros", "scales")}, group)[0]
         else:
-            got = gptq_dequant({k: t[f"{name}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")}, bits)[0]
+            got = gptq_dequant({k: t[f"{name}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")}, bits,
+                               qc["checkpoint_format"])[0]
         if not torch.equal(got, w.float()):
             print(f"{fmt}: {name} differs (max {(got - w.float()).abs().max():.3g})")
             return False
@@ -61,25 +66,76 @@ def packed_equal(folder: Path, ref: dict[str, torch.Tensor], fmt: str, bits: int
 
 def compressed_tensors_check(folder: Path, ref: dict[str, torch.Tensor]) -> tuple[bool, float]:
     """Weights bit-exact after transformers' decompression, and the PPL of the loaded model."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, CompressedTensorsConfig
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
-    from llmc.data import load_eval_text
     from llmc.engine.context import RunContext
-    from llmc.evaluation.ppl import eval_windows, perplexity
+    from llmc.evaluation.ppl import perplexity
     from llmc.models import adapter_class
 
-    # Asymmetric pack-quantized folders need the dequantizing load in transformers 5 (docs/export.md).
+    # The dense load, so that every layer's weight can be read back before a forward (the plain load, which
+    # asymmetric packed folders turn into this one themselves, is tests/test_export_clients.py's).
     model = AutoModelForCausalLM.from_pretrained(
         folder, quantization_config=CompressedTensorsConfig(dequantize=True), dtype=torch.float32).eval()
     weights = {n: m.weight.detach() for n, m in model.named_modules() if n in ref}
     exact = all(torch.equal(weights[n].float(), w.float()) for n, w in ref.items())
     quantize_input_activations(model, folder, set(ref))
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    windows = eval_windows(tokenizer, load_eval_text("wikitext2", f"{DATA}/wikitext2/wiki.test.raw", False), 2048, 40)
+    windows = ppl_windows(folder)
     adapter = adapter_class(model.config.model_type, None)(model)
     with torch.no_grad():
         ppl = perplexity(model, adapter, windows, 1, RunContext(), False, "compressed-tensors")
     return exact, ppl
+
+
+def ppl_windows(folder: Path) -> torch.Tensor:
+    from transformers import AutoTokenizer
+
+    from llmc.data import load_eval_text
+    from llmc.evaluation.ppl import eval_windows
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return eval_windows(tokenizer, load_eval_text("wikitext2", f"{DATA}/wikitext2/wiki.test.raw", False), 2048, 40)
+
+
+def gptqmodel_check(save: Path, folders: dict[str, str]) -> dict:
+    """GPTQModel on the GPTQ and AutoAWQ folders, in the venv of tests/test_export_clients_gptqmodel.py
+    ({} when it is absent): weights in steps of the checkpoint's own scales, logits on the first window
+    against the float32 fake-quant model, PPL on the 40 windows."""
+    import os
+    import subprocess
+
+    from safetensors.torch import save_file
+    from test_export_clients_gptqmodel import VENV_PYTHON
+
+    from llmc.export.save import load_fake_quant
+
+    if not Path(VENV_PYTHON).exists():
+        print(f"no GPTQModel venv at {VENV_PYTHON}: GPTQModel not checked")
+        return {}
+    fake = load_fake_quant(save / "fake_quant_model")
+    windows = ppl_windows(save / "fake_quant_model")
+    with torch.no_grad():
+        logits = fake(windows[:1]).logits.float()
+    weights = linear_weights(save / "fake_quant_model")
+    cases = []
+    for fmt, folder in folders.items():
+        t = load_file(str(save / folder / "model.safetensors"))
+        ref = {"ids": windows[:1].clone(), "logits": logits, "windows": windows.contiguous()}
+        for name, w in weights.items():
+            scales = t[f"{name}.scales"].float()                      # [groups, out]
+            if f"{name}.g_idx" in t:
+                rows = t[f"{name}.g_idx"].long()
+            else:
+                rows = torch.arange(w.shape[1]) // (w.shape[1] // scales.shape[0])
+            ref[f"w.{name}"], ref[f"s.{name}"] = w.float().contiguous(), scales[rows].t().contiguous()
+        ref_file = save / f"{folder}.client_ref.safetensors"
+        save_file(ref, str(ref_file))
+        cases.append({"name": folder, "folder": str(save / folder), "ref": str(ref_file), "clients": ["gptqmodel"]})
+    (save / "clients.json").write_text(json.dumps({"dtype": "bfloat16", "cases": cases}))
+    env = {**os.environ, "GPTQMODEL_CPU_WORKERS": os.environ.get("GPTQMODEL_CPU_WORKERS", "2")}
+    subprocess.run([VENV_PYTHON, str(ROOT / "tests" / "test_export_clients_gptqmodel.py"), str(save / "clients.json"),
+                    str(save / "clients_out.json")], env=env, check=True)
+    out = json.loads((save / "clients_out.json").read_text())
+    return {key.split("/")[0]: {**r, "versions": out["versions"]} for key, r in out["results"].items()}
 
 
 def quantize_input_activations(model, folder: Path, linears: set[str]) -> int:
@@ -114,10 +170,13 @@ def measure(label: str, config: str, overrides: list[str], work: Path) -> dict:
     wcfg = res["config"]["quant"]["weight"]
     row = {"fake_quant_ppl": fake_ppl, "quantize_s": res["timings"].get("quantize"),
            "float_mb": mb(save / "fake_quant_model"), "formats": {}}
-    for fmt, folder in (("awq", "autoawq_quant_model"), ("gptq", "gptq_quant_model")):
-        if (save / folder).exists():
-            row["formats"][folder] = {"mb": mb(save / folder),
-                                      "bit_exact": packed_equal(save / folder, ref, fmt, wcfg["bit"], wcfg["group_size"])}
+    packed = {fmt: folder for fmt, folder in (("awq", "autoawq_quant_model"), ("gptq", "gptq_quant_model"))
+              if (save / folder).exists()}
+    for fmt, folder in packed.items():
+        row["formats"][folder] = {"mb": mb(save / folder),
+                                  "bit_exact": packed_equal(save / folder, ref, fmt, wcfg["bit"], wcfg["group_size"])}
+    for folder, client in (gptqmodel_check(save, packed) if packed else {}).items():
+        row["formats"][folder]["gptqmodel"] = client
     exact, ppl = compressed_tensors_check(save / "vllm_quant_model", ref)
     row["formats"]["vllm_quant_model"] = {"mb": mb(save / "vllm_quant_model"), "bit_exact": exact, "reload_ppl": ppl,
                                           "ppl_vs_fake_pct": 100 * (ppl / fake_ppl - 1)}
@@ -125,18 +184,28 @@ def measure(label: str, config: str, overrides: list[str], work: Path) -> dict:
 
 
 def render(rows: dict) -> str:
-    table = []
+    table, versions = [], ""
     for label, r in rows.items():
         for folder, f in r["formats"].items():
+            g = f.get("gptqmodel", {})
+            versions = versions or ", ".join(f"{k} {v}" for k, v in g.get("versions", {}).items())
+            client = ""
+            if g:
+                client = g["error"] if "error" in g else (
+                    f"{g['ppl']:.3f} ({100 * (g['ppl'] / r['fake_quant_ppl'] - 1):+.3f}%); "
+                    f"weights within {g['weight_err_steps']:.3f} step; logits {g['logits_err']:.3f}")
             table.append([label, folder, f"{f['mb']:.1f}", f"{r['float_mb']:.1f}", f"{r['float_mb'] / f['mb']:.2f}x",
                           "yes" if f["bit_exact"] else "NO", f"{r['fake_quant_ppl']:.3f}",
-                          f"{f['reload_ppl']:.3f} ({f['ppl_vs_fake_pct']:+.3f}%)" if "reload_ppl" in f else ""])
+                          f"{f['reload_ppl']:.3f} ({f['ppl_vs_fake_pct']:+.3f}%)" if "reload_ppl" in f else "", client])
     return ("SmolLM2-135M-Instruct packed exports (`bench/export_smollm2.py`); PPL on wiki.test.raw first 40 x 2048, "
             "float32 eval; sizes of the .safetensors files (embeddings and lm_head stay float32). The reload dequantizes "
             "the weights (transformers on CPU) and quantizes each linear's input with the checkpoint's own "
-            "input_activations scheme through compressed-tensors, so W8A8 is compared with W8A8\n\n"
+            "input_activations scheme through compressed-tensors, so W8A8 is compared with W8A8. GPTQModel: the "
+            "checkpoint loaded by GPTQModel on CPU in bfloat16 (its default there), PPL on the same windows, the largest "
+            "weight error in quantization steps, the largest logit error on the first window against the float32 "
+            f"fake-quant model{f' ({versions})' if versions else ''}\n\n"
             + markdown(["run", "checkpoint", "MB", "float MB", "smaller", "bit-exact vs fake quant",
-                        "fake-quant PPL", "reloaded PPL (transformers, CPU)"], table))
+                        "fake-quant PPL", "reloaded PPL (transformers, CPU)", "GPTQModel (CPU, bfloat16)"], table))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Packed exports (AutoAWQ, GPTQ, compressed-tensors) on tiny models: every format is unpacked here with
-its documented layout (independently of llmc's packer) and must give back llmc's grid exactly; the
-compressed-tensors folder is also loaded by transformers and must compute the fake-quant model's logits."""
+its documented layout (independently of llmc's packer) and must give back llmc's grid exactly. Loading by
+the clients themselves: tests/test_export_clients.py (transformers) and test_export_clients_gptqmodel.py."""
 import json
 
 import pytest
@@ -118,10 +118,11 @@ def test_fp16_scales_are_the_only_rounding(tmp_path):
     autoawq.save(model, make_tokenizer(), tmp_path / "awq")
     gptq_format.save(model, make_tokenizer(), tmp_path / "gptq")
     awq, _ = read(tmp_path / "awq")
-    gptq, _ = read(tmp_path / "gptq")
+    gptq, gptq_cfg = read(tmp_path / "gptq")
     for name, q in layers(model).items():
         w, _, _ = awq_dequant({k: awq[f"{name}.{k}"] for k in ("qweight", "qzeros", "scales")}, 32)
-        wg = gptq_dequant({k: gptq[f"{name}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")}, 4)[0]
+        wg = gptq_dequant({k: gptq[f"{name}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")}, 4,
+                          gptq_cfg["quantization_config"]["checkpoint_format"])[0]
         assert torch.equal(w, wg)
         rel = (w - fake(q)).abs().max() / fake(q).abs().max()
         assert 0 < rel < 2 ** -11  # half an fp16 ulp of the scale, no more
@@ -129,9 +130,11 @@ def test_fp16_scales_are_the_only_rounding(tmp_path):
 
 # ---------------------------------------------------------------- GPTQ
 
-def gptq_dequant(t, bits):
+def gptq_dequant(t, bits, checkpoint_format="gptq"):
     q = unpack(t["qweight"], bits, 0)                  # [in, out]
-    z = unpack(t["qzeros"], bits, 1) + 1               # v1 stores zero - 1
+    z = unpack(t["qzeros"], bits, 1)
+    if checkpoint_format == "gptq":                    # v1 stores zero - 1; v2 the zero point itself
+        z = z + 1
     g = t["g_idx"].long()
     return ((q - z[g]).float() * t["scales"].float()[g]).t(), q, z
 
@@ -147,14 +150,15 @@ def test_gptq_unpacks_to_llmc_grid(tmp_path, bits, symmetric, gran, actorder):
     tensors, config = read(tmp_path / "gptq")
     qc = config["quantization_config"]
     assert qc["quant_method"] == "gptq" and qc["bits"] == bits and qc["sym"] == symmetric
-    assert qc["checkpoint_format"] == "gptq" and qc["desc_act"] == actorder
+    # v1 for symmetric weights; asymmetric ones as v2, the only asymmetric GPTQ format GPTQModel loads
+    assert qc["checkpoint_format"] == ("gptq" if symmetric else "gptq_v2") and qc["desc_act"] == actorder
     assert qc["group_size"] == (32 if gran == "per_group" else -1)
     for name, q in layers(model).items():
         t = {k: tensors[f"{name}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")}
         groups = q.in_features // 32 if gran == "per_group" else 1
         assert t["qweight"].shape == (q.in_features * bits // 32, q.out_features)
         assert t["qzeros"].shape == (groups, q.out_features * bits // 32) and t["g_idx"].dtype == torch.int32
-        w, codes, zeros = gptq_dequant(t, bits)
+        w, codes, zeros = gptq_dequant(t, bits, qc["checkpoint_format"])
         assert torch.equal(w, fake(q))
         assert torch.equal(codes.t() - 2 ** (bits - 1), q.int_weight().reshape(q.out_features, -1).long())
         if symmetric:
@@ -163,15 +167,20 @@ def test_gptq_unpacks_to_llmc_grid(tmp_path, bits, symmetric, gran, actorder):
             assert torch.equal(t["g_idx"], q.w_gidx.int()) and not torch.equal(t["g_idx"], t["g_idx"].sort().values)
 
 
-def test_gptq_refuses_a_zero_point_it_cannot_encode(tmp_path):
-    model = quantized(W(4, False, group=32))
+def test_gptq_v2_stores_every_zero_point(tmp_path):
+    model = quantized(W(4, False, group=32), fp16_scales=True)
     q = layers(model)["model.layers.2.mlp.up_proj"]
     zero = q.w_zero.clone()
-    zero[3] = -8  # unsigned 0: v1 would store -1, which loaders read back as 2^b
+    zero[3], zero[5] = -8, 7  # unsigned 0 and 15: v1 has no encoding for 0 (it would store -1)
     q.set_weight_qparams(q.w_scale, zero)
-    with pytest.raises(ConfigError, match="model.layers.2.mlp.up_proj: 1 group.*unsigned zero point of 0"):
-        gptq_format.save(model, make_tokenizer(), tmp_path / "gptq")
-    assert not (tmp_path / "gptq").exists() and not list(tmp_path.iterdir())  # nothing written, no temp left
+    gptq_format.save(model, make_tokenizer(), tmp_path / "gptq")
+    tensors, config = read(tmp_path / "gptq")
+    assert config["quantization_config"]["checkpoint_format"] == "gptq_v2"
+    t = {k: tensors[f"model.layers.2.mlp.up_proj.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")}
+    w, _, zeros = gptq_dequant(t, 4, "gptq_v2")
+    assert torch.equal(w, fake(q))
+    by_row = zeros.t().reshape(-1)  # the [out, groups] table, in the order of llmc's grouped rows
+    assert by_row[3].item() == 0 and by_row[5].item() == 15
 
 
 def test_gptq_block_rules_for_ignored_layers(tmp_path):
@@ -205,11 +214,11 @@ def ct_dequant(t, bits, wargs):
     return (q - z) * s
 
 
-def ct_load(folder, dequantize=False):
-    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+def ct_load(folder):
+    """transformers' plain load, as a user runs it (tests/test_export_clients.py checks every case)."""
+    from transformers import AutoModelForCausalLM
 
-    kwargs = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if dequantize else {}
-    return AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
+    return AutoModelForCausalLM.from_pretrained(folder).eval()
 
 
 CT_CASES = {  # name: (weight, act, format)
@@ -225,7 +234,7 @@ CT_CASES = {  # name: (weight, act, format)
 
 
 @pytest.mark.parametrize("case", list(CT_CASES))
-def test_compressed_tensors_equals_fake_quant(tmp_path, case):
+def test_compressed_tensors_unpacks_to_llmc_grid(tmp_path, case):
     wargs, aargs, fmt = CT_CASES[case]
     model = quantized(wargs, aargs)
     compressed.save(model, make_tokenizer(), tmp_path / "ct", recipe={"quant": {"method": "RTN"}})
@@ -240,19 +249,6 @@ def test_compressed_tensors_equals_fake_quant(tmp_path, case):
         if aargs is not None and aargs.static:
             assert torch.equal(t["input_scale"], q.act_quant.scale.reshape(1))
             assert torch.equal(t["input_zero_point"].float(), q.act_quant.zero.reshape(1))
-    # transformers decompresses on CPU through compressed-tensors (asymmetric packed zero points only load
-    # with dequantize=True: compressed-tensors 0.20 does not pack them on its meta-device load path)
-    asym_packed = fmt == "pack-quantized" and not wargs.symmetric
-    loaded = ct_load(tmp_path / "ct", dequantize=asym_packed)
-    ids = torch.randint(0, 384, (2, 24), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        expected, got = model(ids).logits, loaded(ids).logits
-    assert torch.allclose(got, expected, atol=1e-5, rtol=0), (got - expected).abs().max()
-    if aargs is not None:  # the activation quantizers came along: without them the logits move
-        with torch.no_grad():
-            for _, q in quant_linears(model):
-                q.act_quant, saved = None, q.act_quant
-            assert not torch.allclose(model(ids).logits, got, atol=1e-4)
 
 
 # ---------------------------------------------------------------- refusals
@@ -310,16 +306,18 @@ def test_cli_writes_all_three_formats(make_config, tmp_path):
     ref_w = {n: m.weight.detach() for n, m in ref.named_modules() if isinstance(m, torch.nn.Linear)}
     awq, awq_cfg = read(out / "autoawq_quant_model")
     gptq, gptq_cfg = read(out / "gptq_quant_model")
+    gptq_fmt = gptq_cfg["quantization_config"]["checkpoint_format"]
     assert awq_cfg["quantization_config"]["group_size"] == 32 and gptq_cfg["quantization_config"]["bits"] == 4
     for name in [n for n in ref_w if ".layers." in n]:
         w_awq = awq_dequant({k: awq[f"{name}.{k}"] for k in ("qweight", "qzeros", "scales")}, 32)[0]
-        w_gptq = gptq_dequant({k: gptq[f"{name}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")}, 4)[0]
+        w_gptq = gptq_dequant({k: gptq[f"{name}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")}, 4,
+                              gptq_fmt)[0]
         assert torch.equal(w_awq, w_gptq)
         # save_autoawq/save_gptq make the run find float16 scales, so the checkpoints are the fake-quant
         # weights bit for bit
         assert torch.equal(w_awq, ref_w[name])
     assert "RTN" in (out / "vllm_quant_model" / "llmc_recipe.yaml").read_text()
-    loaded = ct_load(out / "vllm_quant_model", dequantize=True)  # W4 g32 asym: see above
+    loaded = ct_load(out / "vllm_quant_model")
     ids = torch.randint(0, 384, (2, 24), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, ref(ids).logits)
@@ -389,7 +387,8 @@ def test_cli_gptq_act_order_writes_g_idx(make_config, wiki_files, tmp_path):
 
     ref = load_fake_quant(tmp_path / "out" / "fake_quant_model")
     gptq, config = read(tmp_path / "out" / "gptq_quant_model")
-    assert config["quantization_config"]["desc_act"] is True
+    qc = config["quantization_config"]
+    assert qc["desc_act"] is True and qc["checkpoint_format"] == "gptq"  # symmetric: v1
     name = "model.layers.1.mlp.down_proj"
     t = {k: gptq[f"{name}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")}
     assert not torch.equal(t["g_idx"], t["g_idx"].sort().values)  # groups follow the act order

@@ -14,12 +14,19 @@ The zero-point convention is llmc's own: signed codes and zero points, W = (code
 means zero = 0. Scales are stored in the model's dtype (what loaders allocate), so a float32 model's
 checkpoint dequantizes to exactly its fake-quant weights; this is checked for every layer before writing.
 
+Asymmetric pack-quantized checkpoints (per-group/per-channel zero points, packed along outputs as vLLM and
+compressed-tensors' own compressor store them) also carry `dequantize: true`: compressed-tensors 0.18 to
+0.20.1 build the meta model transformers loads into with those zero points unpacked ([out, groups]), so
+transformers' default compressed load refuses every such checkpoint (llm-compressor's too). The key makes
+transformers take its dequantizing load, which reads them right; vLLM and SGLang ignore it.
+
 Refused: e5m2, GPTQ act order with moving groups (compressed-tensors dropped g_idx), activation
 granularities other than per_token/per_tensor, integer/float mixes of weights and activations, KV-cache
 quantization, and whatever compressed-tensors' own validation rejects.
 """
 from __future__ import annotations
 
+import json
 from typing import Optional
 
 import torch
@@ -139,8 +146,23 @@ def save(model, tokenizer, path, recipe: Optional[dict] = None, key: str = "save
     tensors = {name: compress_layer(name, q, scheme, fmt, dtype) for name, q in layers}
     config = QuantizationConfig(config_groups={"group_0": scheme}, format=fmt, ignore=float_linears(model),
                                 quantization_status="compressed")
-    write_packed(model, tokenizer, path, tensors, None, recipe, f"compressed-tensors {fmt}",
-                 finish=lambda folder: ModelCompressor(quantization_config=config).update_config(str(folder)))
+
+    def finish(folder) -> None:
+        ModelCompressor(quantization_config=config).update_config(str(folder))
+        if packed_zero_points(scheme, fmt):
+            config_file = folder / "config.json"
+            data = json.loads(config_file.read_text())
+            data["quantization_config"]["dequantize"] = True
+            config_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+    write_packed(model, tokenizer, path, tensors, None, recipe, f"compressed-tensors {fmt}", finish=finish)
+
+
+def packed_zero_points(scheme, fmt: str) -> bool:
+    """Whether the checkpoint stores int32-packed zero points, which transformers' compressed load (through
+    compressed-tensors 0.18-0.20.1) allocates unpacked: pack-quantized, asymmetric, per group or channel."""
+    w = scheme.weights
+    return fmt == "pack-quantized" and not w.symmetric and w.strategy in ("group", "channel")
 
 
 VLLM = register(PackedFormat("save_vllm", "vllm_quant_model", check, save))

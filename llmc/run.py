@@ -18,6 +18,7 @@ from llmc.engine import distributed
 from llmc.engine.checkpoint import FOLDER as CHECKPOINT_FOLDER
 from llmc.engine.checkpoint import Checkpoint, config_fingerprint, data_fingerprint, model_fingerprint
 from llmc.engine.context import RunContext
+from llmc.engine.guard import check_module_finite
 from llmc.engine.offload import FOLDER as OFFLOAD_FOLDER
 from llmc.engine.offload import BlockStore, tag_blocks, wants_offload
 from llmc.engine.pipeline import quantize_blocks
@@ -28,7 +29,6 @@ from llmc.export.packing import packed_exports
 from llmc.export.save import save_fake_quant, save_streamed, save_transformed
 from llmc.export.state import architecture_fingerprint, load_state, save_state
 from llmc.models import adapter_class, load_hf_config, load_model, meta_model, pick_device, resolve_source
-from llmc.engine.guard import check_module_finite
 from llmc.models.load import load_model_streamed, load_tokenizer
 from llmc.quant.fake_linear import quant_disabled, unwrap_quant_linears
 from llmc.quant.kvcache import kv_quantized
@@ -142,7 +142,7 @@ def run(config: Config, device: Optional[str] = None, config_path: Optional[str]
     ckpt = Checkpoint.open(out / CHECKPOINT_FOLDER if save.save_path and save.checkpoint else None, resume,
                            save.keep_checkpoint, writer=ctx.is_main)
     try:
-        return _run_loaded(config, ctx, stages, adapter_cls, exports, out, ckpt, batches, windows_cache,
+        return _run_loaded(config, ctx, stages, adapter_cls, exports, out, ckpt, tokenizer, batches, windows_cache,
                            results_path)
     except BaseException:
         ckpt.discard_if_unfinished()  # a run that failed before its first block leaves nothing behind
@@ -180,11 +180,11 @@ def evaluation_windows(config: Config, tokenizer) -> dict:
 
 
 def _run_loaded(config: Config, ctx, stages: list[Config], adapter_cls, exports: list, out: Path, ckpt: Checkpoint,
-                batches: list, windows_cache: dict, results_path: Optional[str]) -> dict:
+                tokenizer, batches: list, windows_cache: dict, results_path: Optional[str]) -> dict:
     """The run from the model load on: evaluate, quantize stage by stage, evaluate, save, summarise."""
     ckpt.check("config", config_fingerprint(config.model_dump(mode="json")))
     with ctx.timed("load"):
-        model, tokenizer = load(config, ctx, adapter_cls, out)
+        model, tokenizer = load(config, ctx, adapter_cls, out, tokenizer)
     check_module_finite(model, "", skip=adapter_cls.blocks + "." if ctx.store is not None else "")
     ckpt.check("model", model_fingerprint(model, resolve_source(config.model.path, config.model.gguf_file).folder))
     if batches:
@@ -249,12 +249,13 @@ def _run_loaded(config: Config, ctx, stages: list[Config], adapter_cls, exports:
     return results
 
 
-def load(config: Config, ctx, adapter_cls, out: Path):
-    """(model, tokenizer): whole in memory, or (model.offload) with its blocks streamed from disk."""
+def load(config: Config, ctx, adapter_cls, out: Path, tokenizer=None):
+    """(model, tokenizer): whole in memory, or (model.offload) with its blocks streamed from disk; `tokenizer`
+    when it is already loaded."""
     source = resolve_source(config.model.path, config.model.gguf_file)
     if not wants_offload(config.model.offload, None if source.gguf_file else source.folder):
-        return load_model(config.model, ctx.device)
-    model, tokenizer = load_model_streamed(config.model, adapter_cls.blocks, ctx.device)
+        return load_model(config.model, ctx.device, tokenizer)
+    model, tokenizer = load_model_streamed(config.model, adapter_cls.blocks, ctx.device, tokenizer)
     adapter = adapter_cls(model)
     tag_blocks(adapter.block_list(), [adapter.block_name(i) for i in range(len(adapter.block_list()))])
     ctx.store = BlockStore(source.folder, out / OFFLOAD_FOLDER / f"rank{ctx.shard.rank}")

@@ -61,6 +61,7 @@ class AwqOptions(Options):
 @ALGORITHMS.register("Awq", "AWQ")
 class Awq(Algorithm):
     name = "AWQ"
+    folds = True
     Options = AwqOptions
     data_driven = True
     weight_calib_algos = ("learnable",)  # clips kept in the quantizer (not the weight) for OmniQuant's LWC

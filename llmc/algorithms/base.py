@@ -39,6 +39,9 @@ class Algorithm:
     # Changes float weights only by equivalent transformations (folds), so the engine checks the whole
     # block against its float output after `apply` (AWQ's v1 clip and GPTQ change weights by design).
     keeps_float: ClassVar[bool] = False
+    # Folds scales into the float model (AWQ, SmoothQuant, OmniQuant's LET): the engine records the float
+    # block's output first, so each fold can be checked against it.
+    folds: ClassVar[bool] = False
 
     def __init__(self, wargs: Optional[QuantArgs], aargs: Optional[QuantArgs], options: Options):
         self.wargs, self.aargs, self.options = wargs, aargs, options

@@ -65,6 +65,7 @@ class OmniQuantOptions(Options):
 class OmniQuant(Algorithm):
     name = "OmniQuant"
     keeps_float = True  # float weights change only by folds (LWC moves the grid, not the weights)
+    folds = True
     Options = OmniQuantOptions
     data_driven = True
     needs_targets = True

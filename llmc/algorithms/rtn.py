@@ -9,7 +9,6 @@ from llmc.registry import ALGORITHMS
 @ALGORITHMS.register("RTN")
 class RTN(Algorithm):
     name = "RTN"
-    keeps_float = True  # the float weights stay as they are
 
     def apply(self, job, targets):
         qlinears = self.install_all(job)

@@ -57,6 +57,7 @@ class SmoothQuantOptions(Options):
 class SmoothQuant(Algorithm):
     name = "SmoothQuant"
     keeps_float = True  # float weights change only by folds
+    folds = True
     Options = SmoothQuantOptions
     data_driven = True
 

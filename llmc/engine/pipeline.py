@@ -43,14 +43,15 @@ def quantize_blocks(model, adapter, algorithm, batches: Optional[list[torch.Tens
         job = BlockJob(i, name, block, adapter.subsets, inputs, ignored, ctx, adapter.head_dim(),
                        adapter.score_layers)
         if i >= resumed:
-            check_module_finite(block, name)
+            if ctx.store is not None:  # streamed from disk: not checked at load
+                check_module_finite(block, name)
             if inputs is not None:
                 check_activations_finite(inputs.hidden, f"the activations entering {name}"
                                          + (f" (block {i - 1}'s quantized outputs)" if quant_out and i else ""))
         targets = job.forward(reference) if inputs is not None and (algorithm.needs_targets or not quant_out) else None
         if targets is not None and i >= resumed:
             check_activations_finite(targets, f"the float outputs of {name}")
-        if inputs is not None and ctx.check_folds and i >= resumed:
+        if inputs is not None and algorithm.folds and ctx.check_folds and i >= resumed:
             args, kwargs = inputs.call(i, 0)
             job.float_check = FloatCheck(block, inputs.hidden[0], args, kwargs, ctx.device, name)
         if i < resumed:

@@ -91,7 +91,7 @@ def resolve_dtype(requested: str, hf_config, device: torch.device) -> torch.dtyp
     return dtype
 
 
-def load_model(model_cfg, device: torch.device):
+def load_model(model_cfg, device: torch.device, tokenizer=None):
     """Load (model, tokenizer) on the CPU; the engine moves one block at a time to `device`."""
     from transformers import AutoModelForCausalLM
 
@@ -106,11 +106,12 @@ def load_model(model_cfg, device: torch.device):
         del model.config.quantization_config
     model.hf_quantizer = None
     model.config.use_cache = False
-    tokenizer = load_tokenizer(source, model_cfg.tokenizer_mode)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(source, model_cfg.tokenizer_mode)
     return model, tokenizer
 
 
-def load_model_streamed(model_cfg, blocks: str, device: torch.device):
+def load_model_streamed(model_cfg, blocks: str, device: torch.device, tokenizer=None):
     """Load (model, tokenizer) with the decoder blocks (everything under `blocks`) left on the meta device;
     embeddings, final norm and head are read from the safetensors shards. The engine fills one block at a
     time (llmc/engine/offload.py)."""
@@ -141,7 +142,7 @@ def load_model_streamed(model_cfg, blocks: str, device: torch.device):
         raise ConfigError("model.path", f"{source.folder}: the checkpoint lacks {missing[:5]}")
     model.eval().requires_grad_(False)
     model.config.use_cache = False
-    return model, load_tokenizer(source, model_cfg.tokenizer_mode)
+    return model, tokenizer if tokenizer is not None else load_tokenizer(source, model_cfg.tokenizer_mode)
 
 
 def load_tokenizer(source: ModelSource, mode: str):

@@ -168,7 +168,9 @@ def run_table(name: str, title: str, rows_spec: dict, common: list[str], redo: b
         if label in rows and not redo:
             continue
         print(f"running {label} ...", flush=True)
-        rows[label] = run_row(spec, common, WORK / name / re.sub(r"[^A-Za-z0-9]+", "_", label).strip("_"))
+        # a callable row runs something other than llmc (a peer toolkit) and returns the same fields
+        rows[label] = spec() if callable(spec) else run_row(spec, common,
+                                                            WORK / name / re.sub(r"[^A-Za-z0-9]+", "_", label).strip("_"))
         ordered = {k: rows[k] for k in rows_spec if k in rows}
         ordered.update({k: v for k, v in rows.items() if k not in ordered})
         rows = ordered

@@ -37,7 +37,7 @@ def plan(config: Config, ignored_names) -> str:
         lines.append(f"stage {i}: {cls.name}: weights {_describe(stage.quant.weight)}, "
                      f"activations {_describe(stage.quant.act)}"
                      + (f", kv cache int{stage.quant.kvcache.bit} {stage.quant.kvcache.granularity}"
-                        if stage.quant.kvcache else "") + f", quant_out {stage.quant.quant_out}")
+                        if stage.quant.kvcache else "") + f", quant_out {cls.quant_out(stage.quant)}")
     block_params = sum(p.numel() for p in blocks[0].parameters())
     lines.append(f"each block: {block_params / 1e6:.1f} M parameters; subsets:")
     for s in adapter.subsets:

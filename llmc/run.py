@@ -298,7 +298,7 @@ def run_stage(stage: Config, model, adapter, tokenizer, ctx, batches: list, hand
         batches = []
     local, token_index = distributed.shard_batches(batches, ctx.shard) if ctx.world_size > 1 else (batches, None)
     with ctx.timed("quantize"):
-        state = quantize_blocks(model, adapter, algorithm, local or None, ignored, ctx, stage.quant.quant_out,
+        state = quantize_blocks(model, adapter, algorithm, local or None, ignored, ctx, algo_cls.quant_out(stage.quant),
                                 ckpt, index, token_index)
     for kind, path in options.outputs().items() if ctx.is_main else ():
         header = {"method": algo_cls.name, "weight": stage.quant.weight.model_dump() if stage.quant.weight else None,

@@ -27,6 +27,8 @@ CASES = {
     "SmoothQuant": ({"method": "SmoothQuant", "weight": W8, "act": A8, "special": {"alpha_search": True}}, 0.999),
     "OmniQuant": ({"method": "OmniQuant", "quant_out": True, "weight": {**W3, "calib_algo": "learnable", "ste": True},
                    "special": {"lwc": True, "let": True, "epochs": 1}}, 0.999),
+    # the same global mini-batches on both processes, each taking the samples it holds
+    "SignRound": ({"method": "SignRound", "weight": W3, "special": {"iters": 4, "batch_size": 3}}, 0.999),
 }
 
 

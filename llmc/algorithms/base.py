@@ -57,6 +57,11 @@ class Algorithm:
         return set()
 
     @classmethod
+    def quant_out(cls, quant_cfg) -> bool:
+        """Whether each block is fed the previous quantized block's outputs (`quant.quant_out`)."""
+        return quant_cfg.quant_out
+
+    @classmethod
     def check(cls, config) -> None:
         """Method-specific config checks, run before anything is loaded (raise ConfigError)."""
 

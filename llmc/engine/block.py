@@ -22,6 +22,31 @@ def block_output(out) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def _merge(values: list, rows: list[tuple[int, int]], sizes: list[int]):
+    """One call argument for samples gathered from several batches (see BlockJob.sample_batches)."""
+    first = values[0]
+    if isinstance(first, (tuple, list)):
+        return type(first)(_merge([v[i] for v in values], rows, sizes) for i in range(len(first)))
+    if isinstance(first, dict):
+        return {k: _merge([v[k] for v in values], rows, sizes) for k in first}
+    if not isinstance(first, torch.Tensor) or first.dim() < 2:
+        return first
+    picked = [v[r:r + 1] if v.shape[0] == n and n > 1 else v for v, (_, r), n in zip(values, rows, sizes)]
+    if picked[0].shape[0] == 1 and all(p is picked[0] or torch.equal(p, picked[0]) for p in picked[1:]):
+        return picked[0]
+    return torch.cat(picked)
+
+
+def _to(value, device: torch.device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
 @dataclass
 class BlockJob:
     index: int
@@ -67,6 +92,26 @@ class BlockJob:
                 out = block_output(self.block(h.to(self.ctx.device), *args, **kwargs))
                 outs.append(out.to(self.ctx.activation_device, h.dtype))
         return outs
+
+    def samples(self) -> list[tuple[int, int]]:
+        """(batch, row) of every calibration sample this process holds."""
+        return [(b, r) for b, h in enumerate(self.inputs.hidden) for r in range(h.shape[0])]
+
+    def sample_batches(self, picks: list[tuple[int, int]]) -> Iterator[tuple]:
+        """Mini-batches made of arbitrary calibration samples: (hidden, args, kwargs, rows) on the device,
+        one per sequence length among the picks. Keyword tensors shared by a whole batch (rotary tables,
+        a causal mask of batch size 1) are passed once when every pick has the same; per-sample ones
+        (padding masks) are cut and concatenated."""
+        by_shape: dict[tuple, list[tuple[int, int]]] = {}
+        for b, r in picks:
+            by_shape.setdefault(tuple(self.inputs.hidden[b].shape[1:]), []).append((b, r))
+        for rows in by_shape.values():
+            hidden = torch.cat([self.inputs.hidden[b][r:r + 1] for b, r in rows]).to(self.ctx.device)
+            calls = [self.inputs.call(self.index, b) for b, _ in rows]
+            sizes = [self.inputs.hidden[b].shape[0] for b, _ in rows]
+            args = tuple(_merge([c[0][i] for c in calls], rows, sizes) for i in range(len(calls[0][0])))
+            kwargs = {k: _merge([c[1][k] for c in calls], rows, sizes) for k in calls[0][1]}
+            yield hidden, _to(args, self.ctx.device), _to(kwargs, self.ctx.device), rows
 
     def run_module(self, name: str, x: torch.Tensor, batch: int, kwargs_needed: bool) -> torch.Tensor:
         """Run one submodule (a subset's `inspect`) on x, with the block's kwargs where it takes them."""

@@ -26,13 +26,14 @@ class RunContext:
     shard: distributed.Shard = field(default_factory=distributed.Shard)  # this process among the data-parallel ones
     store: Optional["BlockStore"] = None  # model.offload: disk: where blocks live off the device
     check_folds: bool = True  # the fold guard (llmc/engine/guard.py): base.check_folds
+    seed: int = 0  # base.seed: algorithms that draw at random (SignRound's mini-batches) seed from it
 
     @classmethod
     def from_config(cls, config, device: torch.device, shard: Optional[distributed.Shard] = None) -> "RunContext":
         calib = config.calib
         return cls(device=device, compute_dtype=DTYPES[config.model.compute_dtype],
                    activations_on=calib.activations_on if calib else "device", shard=shard or distributed.Shard(),
-                   check_folds=config.base.check_folds)
+                   check_folds=config.base.check_folds, seed=config.base.seed)
 
     @property
     def activation_device(self) -> torch.device:

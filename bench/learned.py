@@ -1,0 +1,75 @@
+"""Learned rounding at low bits on SmolLM2-135M against the strongest peer (issue: beat auto-round at W4, W3,
+W2): asym g64 weight-only, calibration 128 x 512 tokens of wiki.valid.tokens drawn as every peer draws them
+(seed 0, the GPTQ repository's sampling), PPL on the first 40 x 2048 windows of wiki.test.raw in float32.
+
+    AUTOROUND_PYTHON=/tmp/pv/bin/python python bench/learned.py [--redo] [--only LABEL ...]
+
+writes bench/results/learned_smollm2.{json,md}. auto-round's rows run its own script from ../shared/peers
+(`run_autoround.py`, in the venv its README installs; AUTOROUND_PYTHON names that interpreter) in this same
+sitting, so quantize times compare only between rows of one machine (the table's footnote names it).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+from common import RESULTS, ROOT, machine, markdown, render, table_main
+
+NAME = "learned_smollm2"
+TITLE = ("SmolLM2-135M-Instruct, weight-only asym g64, calib 128 x 512 wiki.valid.tokens (seed 0), PPL on "
+         "wiki.test.raw first 40 x 2048 in float32, CPU (2 cores); llmc rows: block forwards under bfloat16 "
+         "autocast, learned parameters and losses float32 (auto-round's CPU default); `bench/learned.py`")
+SIGNROUND = "configs/quantization/methods/SignRound/signround_w_only.yml"
+EVAL = ["eval.num_samples=40", "eval.seq_len=2048", "eval.eval_pos=[fake_quant]", "eval.compute_dtype=float32",
+        "calib.seed=0", "base.seed=0"]
+PEERS = ROOT.parent / "shared" / "peers"
+TARGET = {4: 22.42, 3: 27.88, 2: 66.70}  # auto-round 0.16.1 on this protocol (../shared/peers/README.md)
+
+
+def autoround(bits: int):
+    """auto-round's row, measured now by its own script (same calibration samples, same windows)."""
+    def run() -> dict:
+        python = os.environ.get("AUTOROUND_PYTHON")
+        if not python:
+            raise SystemExit("set AUTOROUND_PYTHON to the interpreter of the venv ../shared/peers/README.md installs")
+        with tempfile.TemporaryDirectory() as tmp:
+            env = {**os.environ, "PEER_BENCH": os.environ.get("PEER_BENCH", "/tmp/peer_bench")}
+            tag = f"learned_ar_w{bits}"
+            cmd = ["/usr/bin/time", "-v", python, str(PEERS / "run_autoround.py"), "--tag", tag, "--bits", str(bits)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+            res = json.loads((Path(env["PEER_BENCH"]) / "results" / f"{tag}.json").read_text())
+        return {"ppl": res["ppl_inmem"], "quantize_s": res["quant_wall_s"], "peak_rss_mb": res["peak_rss_gb"] * 1024,
+                "wall_s": 0.0, "machine": machine(), "peer": f"auto-round {res['versions']['auto_round']}"}
+    return run
+
+
+ROWS = {}
+for bit in (4, 3, 2):
+    ROWS[f"auto-round W{bit} (200 iters, batch 8)"] = autoround(bit)
+    ROWS[f"SignRound W{bit} (200 iters, batch 8)"] = (SIGNROUND, [f"quant.weight.bit={bit}"])
+
+
+def done_check(rows: dict) -> str:
+    body = []
+    for bit in (4, 3, 2):
+        ours = {k: r for k, r in rows.items() if f"W{bit}" in k and "peer" not in r}
+        peer = next((r for k, r in rows.items() if f"W{bit}" in k and "peer" in r), None)
+        best = min(ours, key=lambda k: ours[k]["ppl"]) if ours else None
+        ppl = ours[best]["ppl"] if best else None
+        ref = peer["ppl"] if peer else TARGET[bit]
+        verdict = "pending" if ppl is None else ("met" if ppl <= ref else "not met")
+        body.append([f"W{bit}", f"{best}: {ppl:.3f}" if best else "pending", f"{ref:.3f}", verdict])
+    return "Done check (best llmc row against auto-round on this machine, else its README figure)\n\n" + markdown(
+        ["bits", "best llmc row", "auto-round", "verdict"], body)
+
+
+if __name__ == "__main__":
+    rows = table_main(NAME, TITLE, ROWS, EVAL)
+    table = done_check(rows)
+    print("\n" + table)
+    (RESULTS / f"{NAME}.md").write_text(f"{render(rows, TITLE)}\n\n{table}\n")

@@ -184,7 +184,7 @@ def test_gptq_equals_the_papers_column_loop(case):
 @pytest.mark.parametrize("special,words", [
     ({"percdamp": 2.0}, ["quant.special.percdamp", "less than or equal to 1"]),
     ({"percdamp": 0}, ["quant.special.percdamp", "greater than 0"]),
-    ({"owq": True}, ["quant.special.owq", "OWQ", "not implemented"]),
+    ({"owq": True}, ["quant.special.n_outs", "required with owq: True"]),
     ({"chunk_num": 0}, ["quant.special.chunk_num"]),
 ])
 def test_bad_options_are_refused_before_loading(make_config, wiki_files, special, words):

@@ -65,6 +65,10 @@ class Algorithm:
     def check(cls, config) -> None:
         """Method-specific config checks, run before anything is loaded (raise ConfigError)."""
 
+    @classmethod
+    def check_model(cls, config, adapter) -> None:
+        """Checks against the (meta-device) model's shapes, before any weight is loaded (raise ConfigError)."""
+
     def apply(self, job: BlockJob, targets: Optional[list[torch.Tensor]]) -> dict:
         raise NotImplementedError
 

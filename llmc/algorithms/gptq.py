@@ -6,18 +6,26 @@ already-updated weights when a group starts, `actorder` (desc_act) with optional
 `percdamp` dampening (raised and retried, with a log line, when the Cholesky factorisation fails).
 Hessians and updates are float32 whatever the model dtype; the Hessian is kept as a sum plus a sample
 count so it can be added up across processes.
+
+OWQ (Lee et al., 2024; LLMC's `owq: True` with `n_outs`): per linear, the n_out input columns most
+sensitive to quantization, H_jj·‖W_:j - RTN(W)_:j‖² with a per-channel RTN grid (the paper and its
+reference; `owq_sensitivity: hessian` ranks by H_jj alone, as LLMC does), are moved last and kept in
+float; GPTQ quantizes the others in order (groups formed over them) and its error updates reach the weak
+columns too, which keep those compensated float values.
 """
 from __future__ import annotations
 
 from collections import Counter
-from typing import Optional
+from dataclasses import replace
+from typing import Literal, Optional, Union
 
 import torch
 from loguru import logger
 from pydantic import Field
 
 from llmc.algorithms.base import Algorithm, Options
-from llmc.quant.quantizer import QuantArgs, calibrate, dequantize, quantize
+from llmc.errors import ConfigError
+from llmc.quant.quantizer import QuantArgs, calibrate, dequantize, fake_quant, quantize
 from llmc.registry import ALGORITHMS
 
 
@@ -27,7 +35,11 @@ class GPTQOptions(Options):
     percdamp: float = Field(0.01, gt=0, le=1)  # dampening, a fraction of the Hessian's mean diagonal
     blocksize: int = Field(128, ge=1)
     true_sequential: bool = True
-    owq: bool = False  # LLMC's OWQ variant (outlier columns kept in float): refused in `check`
+    owq: bool = False  # OWQ: keep each linear's n_out weakest input columns in float
+    # float columns per linear, in the adapter's order (Llama: q, k, v, o, gate, up, down, as LLMC), or one
+    # count for every linear (llmc's shorthand)
+    n_outs: Optional[Union[int, list[int]]] = None
+    owq_sensitivity: Literal["error", "hessian"] = "error"
     # LLMC accumulates each Hessian over chunk_num token chunks: the same sum in less memory.
     chunk_num: int = Field(1, ge=1)
 
@@ -85,11 +97,25 @@ def inverse_hessian_factor(H: torch.Tensor, percdamp: float, where: str = "") ->
     raise RuntimeError(f"GPTQ {where}: Hessian not positive definite even with percdamp {percdamp:g}")
 
 
-def gptq_quantize(W: torch.Tensor, H: torch.Tensor, args: QuantArgs, opts: GPTQOptions, where: str = ""
+def weak_columns(W: torch.Tensor, H: torch.Tensor, n_out: int, args: QuantArgs, sensitivity: str = "error"
+                 ) -> torch.Tensor:
+    """OWQ's weak columns, sorted: the n_out input columns of largest sensitivity, H_jj·‖W_:j - RTN(W)_:j‖²
+    with a per-channel grid of the weight's bits ("error", the paper's), or H_jj alone ("hessian", LLMC)."""
+    score = torch.diag(H).float()
+    if sensitivity == "error":
+        per_row = replace(args, granularity="per_channel", group_size=-1)
+        score = score * (W.float() - fake_quant(W.float(), per_row)).pow(2).sum(dim=0)
+    return torch.sort(torch.argsort(score, descending=True, stable=True)[:n_out]).values
+
+
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, args: QuantArgs, opts: GPTQOptions, where: str = "",
+                  keep: Optional[torch.Tensor] = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Returns (Q, scale, zero, g_idx): Q the dequantized weight; scale/zero one per row of grouped(W)
     (or [out, groups] with g_idx, when act order permutes the groups). H is consumed: it is modified,
-    and released as soon as its factor exists when the caller holds no other reference."""
+    and released as soon as its factor exists when the caller holds no other reference. The input
+    columns in `keep` (OWQ) are quantized last, i.e. not at all: Q holds their error-compensated float values,
+    and the groups are formed over the other columns in order (so g_idx is returned for per_group)."""
     W = W.float().clone()
     H = H.float()
     rows, cols = W.shape
@@ -97,10 +123,18 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, args: QuantArgs, opts: GPTQO
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
+    if keep is not None and opts.static_groups:
+        raise ValueError("OWQ's groups are formed over the non-weak columns: static_groups is not available")
+    n_q = cols - (len(keep) if keep is not None else 0)
 
     static = None
     if args.granularity != "per_group":
-        whole = W if args.granularity == "per_channel" else W.reshape(1, -1)
+        kept = W
+        if keep is not None:
+            mask = torch.ones(cols, dtype=torch.bool, device=W.device)
+            mask[keep] = False
+            kept = W[:, mask]
+        whole = kept if args.granularity == "per_channel" else kept.reshape(1, -1)
         scale, zero = calibrate(whole, args)
         static = [(scale.expand(rows, 1) if scale.shape[0] == 1 else scale,
                    zero.expand(rows, 1) if zero.shape[0] == 1 else zero)]
@@ -108,8 +142,16 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, args: QuantArgs, opts: GPTQO
         static = [calibrate(W[:, g:g + gs], args) for g in range(0, cols, gs)]
 
     perm = None
-    if opts.actorder:
+    if keep is not None:
+        mask = torch.ones(cols, dtype=torch.bool, device=W.device)
+        mask[keep] = False
+        rest = torch.nonzero(mask).flatten()
+        if opts.actorder:
+            rest = rest[torch.argsort(torch.diag(H)[rest], descending=True)]
+        perm = torch.cat([rest, keep.to(rest)])
+    elif opts.actorder:
         perm = torch.argsort(torch.diag(H), descending=True)
+    if perm is not None:
         W, H = W[:, perm], H[perm[:, None], perm]
     Hinv = inverse_hessian_factor(H, opts.percdamp, where)
     del H
@@ -120,8 +162,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, args: QuantArgs, opts: GPTQO
     if static is not None:  # the static group of each (possibly permuted) column
         originals = perm.tolist() if perm is not None else range(cols)
         static_of = [static[0] if args.granularity != "per_group" else static[c // gs] for c in originals]
-    for i1 in range(0, cols, opts.blocksize):
-        i2 = min(i1 + opts.blocksize, cols)
+    for i1 in range(0, n_q, opts.blocksize):
+        i2 = min(i1 + opts.blocksize, n_q)
         W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
         Err1 = torch.zeros_like(W1)
         for i in range(i2 - i1):
@@ -130,7 +172,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, args: QuantArgs, opts: GPTQO
                 current = static_of[col]
             elif col % gs == 0:
                 # As the reference: the group's range comes from W, which holds the updates of earlier blocks.
-                current = calibrate(W[:, col:col + gs], args)
+                current = calibrate(W[:, col:min(col + gs, n_q)], args)
                 found.append(current)
             w = W1[:, i:i + 1]
             q = dequantize(quantize(w, current[0], current[1], args), current[0], current[1])
@@ -139,6 +181,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, args: QuantArgs, opts: GPTQO
             W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    Q[:, n_q:] = W[:, n_q:]  # OWQ's weak columns: float, with the error updates they received
 
     g_idx = None
     if perm is not None:
@@ -146,6 +189,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, args: QuantArgs, opts: GPTQO
         Q = Q[:, inv]
         if static is None:  # groups were formed in permuted order: column j belongs to group inv[j] // gs
             g_idx = torch.div(inv, gs, rounding_mode="floor")
+            if keep is not None:
+                g_idx[keep] = 0  # float columns: any valid group (their grid is never used)
     groups = static if static is not None and args.granularity == "per_group" else found or static
     scale = torch.cat([g[0] for g in groups], dim=1)
     zero = torch.cat([g[1] for g in groups], dim=1)
@@ -165,15 +210,44 @@ class GPTQ(Algorithm):
 
     @classmethod
     def check(cls, config) -> None:
-        from llmc.errors import ConfigError
-
         opts = GPTQOptions.model_validate(config.quant.special)
-        if opts.owq:
-            raise ConfigError("quant.special.owq", "True: OWQ (LLMC's outlier-aware variant, owq with n_outs) is a "
-                              "separate method, not implemented in llmc yet; expected owq: False")
+        if not opts.owq:
+            if opts.n_outs is not None:
+                raise ConfigError("quant.special.n_outs", f"{opts.n_outs} without owq: True; set owq: True (OWQ) "
+                                  "or remove n_outs")
+            return
+        if opts.n_outs is None:
+            raise ConfigError("quant.special.n_outs", "is required with owq: True: the number of float input "
+                              "columns per linear (a list in the block's linear order, or one count)")
+        counts = opts.n_outs if isinstance(opts.n_outs, list) else [opts.n_outs]
+        if any(n < 0 for n in counts):
+            raise ConfigError("quant.special.n_outs", f"{opts.n_outs}: counts must be >= 0")
+        if opts.static_groups:
+            raise ConfigError("quant.special.static_groups", "True with owq: True: OWQ forms its groups over the "
+                              "columns it quantizes, after choosing the weak ones; set static_groups: False")
+
+    @classmethod
+    def check_model(cls, config, adapter) -> None:
+        opts = GPTQOptions.model_validate(config.quant.special)
+        if not opts.owq:
+            return
+        names = adapter.linear_names()
+        if isinstance(opts.n_outs, list) and len(opts.n_outs) != len(names):
+            raise ConfigError("quant.special.n_outs", f"{opts.n_outs} has {len(opts.n_outs)} entries; this model's "
+                              f"blocks have {len(names)} linears ({', '.join(names)}): one count each, in that order")
+        for i, block in enumerate(adapter.block_list()):
+            for k, name in enumerate(names):
+                n_out, width = n_out_of(opts, k), block.get_submodule(name).in_features
+                if n_out >= width:
+                    raise ConfigError("quant.special.n_outs", f"{n_out} float columns for "
+                                      f"{adapter.block_name(i)}.{name}, which has {width} inputs; expected fewer")
 
     def __init__(self, wargs, aargs, options):
         super().__init__(wargs, aargs, options)
+        if options.owq:
+            how = ("H_jj x the per-channel RTN error of the column (OWQ paper)" if options.owq_sensitivity == "error"
+                   else "H_jj alone (LLMC)")
+            logger.info(f"GPTQ with OWQ: n_outs {options.n_outs} float input columns per linear, ranked by {how}")
         if options.chunk_num != 1:
             logger.info(f"GPTQ: chunk_num {options.chunk_num} only bounds memory in LLMC (each Hessian summed over "
                         "that many token chunks, the same sum); llmc sums it in column blocks and ignores chunk_num")
@@ -216,13 +290,26 @@ class GPTQ(Algorithm):
                     last = uses[subset.input] == 0
                     found = None
                     if job.ctx.shard.rank == owner:
-                        found = gptq_quantize(q.weight.data, H.pop(subset.input) if last else H[subset.input].clone(),
-                                              self.wargs, opts, job.full_name(name))
+                        keep = self.weak_columns(job, name, q.weight.data, H[subset.input])
+                        found = (*gptq_quantize(q.weight.data, H.pop(subset.input) if last else H[subset.input].clone(),
+                                                self.wargs, opts, job.full_name(name), keep), keep)
                     elif last:
                         del H[subset.input]
-                    Q, scale, zero, g_idx = job.ctx.share(found, owner)
+                    Q, scale, zero, g_idx, keep = job.ctx.share(found, owner)
                     q.weight.data.copy_(Q.to(q.weight.dtype))
-                    q.set_weight_qparams(scale, zero, g_idx)
+                    q.set_weight_qparams(scale, zero, g_idx, float_cols=keep)
                     installed[name] = q
         self.calibrate_static_acts(job, installed)
         return {}
+
+    def weak_columns(self, job, name: str, W: torch.Tensor, H: torch.Tensor) -> Optional[torch.Tensor]:
+        opts: GPTQOptions = self.options
+        if not opts.owq:
+            return None
+        n_out = n_out_of(opts, [n for s in job.subsets for n in s.layers].index(name))
+        return weak_columns(W, H, n_out, self.wargs, opts.owq_sensitivity) if n_out else None
+
+
+def n_out_of(opts: GPTQOptions, index: int) -> int:
+    """The float column count of the index-th linear of a block."""
+    return opts.n_outs[index] if isinstance(opts.n_outs, list) else opts.n_outs

@@ -171,6 +171,7 @@ def check_against_model(config: Config, adapter) -> None:
                     hint = f" (e.g. {_divisor_hint(width)})" if key.endswith("group_size") else ""
                     raise ConfigError(key, f"{size} does not divide in_features {width} of "
                                       f"{adapter.block_name(i)}.{name}; {what}{hint}")
+    algorithm_options(config)[0].check_model(config, adapter)
 
 
 def _divisor_hint(n: int) -> str:

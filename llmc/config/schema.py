@@ -117,6 +117,9 @@ class QuantSpecCfg(Section):
     # Round every scale to this dtype when it is found, so the fake-quant model is exactly what a format
     # storing such scales computes (AutoAWQ and GPTQ checkpoints store float16 scales).
     scale_dtype: Optional[Literal["float32", "float16", "bfloat16"]] = None
+    # LLMC's round_zp: False keeps asymmetric zero points as floats (HQQ optimises them); only the
+    # fake-quant model can hold them (packed exports refuse).
+    round_zp: bool = True
 
     @field_validator("bit")
     @classmethod
@@ -140,6 +143,9 @@ class QuantSpecCfg(Section):
         if isinstance(self.bit, str) and not self.symmetric:
             raise ValueError(f"bit {self.bit} is a float format: FP8 grids are symmetric around 0 and have no "
                              "zero point; set symmetric: True")
+        if not self.round_zp and (self.symmetric or isinstance(self.bit, str)):
+            raise ValueError("round_zp False keeps a float zero point, which only asymmetric integer grids have; "
+                             "remove round_zp or set symmetric: False")
         return self
 
 

@@ -59,6 +59,7 @@ class BlockJob:
     head_dim: Optional[int] = None           # attention head size (to share scales across GQA query heads)
     score_layers: tuple[str, ...] = ()       # linears whose outputs form attention scores
     float_check: Optional[FloatCheck] = None  # the float block's output before any transform (fold guard)
+    n_blocks: Optional[int] = None            # decoder blocks in the model (NormTweaking's lr schedule)
 
     # ---- structure -------------------------------------------------------------------------------
     def full_name(self, name: str) -> str:

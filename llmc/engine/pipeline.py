@@ -41,7 +41,7 @@ def quantize_blocks(model, adapter, algorithm, batches: Optional[list[torch.Tens
         block = ctx.onload(blocks[i])
         name = adapter.block_name(i)
         job = BlockJob(i, name, block, adapter.subsets, inputs, ignored, ctx, adapter.head_dim(),
-                       adapter.score_layers)
+                       adapter.score_layers, n_blocks=len(blocks))
         if i >= resumed:
             if ctx.store is not None:  # streamed from disk: not checked at load
                 check_module_finite(block, name)

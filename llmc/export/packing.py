@@ -37,10 +37,13 @@ class Spec:
     act: Optional[QuantArgs] = None
     g_idx: bool = False     # GPTQ act order without static groups: a column's group is not column // group_size
     kvcache: bool = False
+    float_cols: bool = False  # OWQ: some input columns stay float
+    axis0: bool = False       # HQQ axis 0: groups run along output channels
 
     @classmethod
     def of(cls, q: QuantLinear) -> "Spec":
-        return cls(q.wargs, q.act_quant.args if q.act_quant is not None else None, q.w_gidx is not None)
+        return cls(q.wargs, q.act_quant.args if q.act_quant is not None else None, q.w_gidx is not None,
+                   float_cols=q.w_float_cols is not None, axis0=q.w_axis == 0)
 
     @classmethod
     def of_config(cls, config) -> "Spec":
@@ -49,7 +52,11 @@ class Spec:
         special = quant.special or {}
         g_idx = (quant.method.lower() == "gptq" and bool(special.get("actorder"))
                  and not special.get("static_groups") and weight is not None and weight.granularity == "per_group")
-        return cls(weight, QuantArgs.from_cfg(quant.act), g_idx, quant.kvcache is not None)
+        from llmc.config.checks import algorithm_options
+
+        _, options = algorithm_options(config.stage_configs()[-1])
+        return cls(weight, QuantArgs.from_cfg(quant.act), g_idx, quant.kvcache is not None,
+                   float_cols=bool(getattr(options, "owq", False)), axis0=getattr(options, "axis", 1) == 0)
 
 
 @dataclass(frozen=True)
@@ -92,7 +99,17 @@ def common_checks(spec: Spec, key: str, fmt: str, weight_only: bool = True) -> Q
     if weight_only and spec.act is not None:
         refuse(key, fmt, "quant.act (activation quantization)", "it is a weight-only format "
                "(use save_vllm for weight-activation quantization)")
-    return spec.weight
+    w = spec.weight
+    if not w.round_zp:
+        refuse(key, fmt, "float zero points (quant.weight.round_zp: False)", "it stores integer zero points; "
+               "set round_zp: True (HQQ then rounds its optimised zero points), or save_fake")
+    if spec.float_cols:
+        refuse(key, fmt, "OWQ's float input columns (quant.special.owq: True)", "its linears hold one integer grid "
+               "for every column; save_fake writes the OWQ model")
+    if spec.axis0:
+        refuse(key, fmt, "groups along output channels (HQQ axis: 0)", "its groups run along input columns; "
+               "set quant.special.axis: 1, or save_fake")
+    return w
 
 
 def group_table(q: QuantLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -100,22 +100,31 @@ class QuantLinear(nn.Module):
         self.register_buffer("w_scale", None, persistent=False)
         self.register_buffer("w_zero", None, persistent=False)
         self.register_buffer("w_gidx", None, persistent=False)  # group of each input column (GPTQ act order)
+        self.register_buffer("w_float_cols", None, persistent=False)  # input columns kept float (OWQ)
+        self.w_axis = 1  # 0: the grid groups weight.T's rows, i.e. runs along output channels (HQQ axis 0)
         self.lwc: Optional[nn.Module] = None  # OmniQuant's learnable clipping while it trains
         self.quant_enabled = True
         self._cache_key = None
         self._cache: Optional[torch.Tensor] = None
 
     def set_weight_qparams(self, scale: Optional[torch.Tensor] = None, zero: Optional[torch.Tensor] = None,
-                           g_idx: Optional[torch.Tensor] = None) -> None:
+                           g_idx: Optional[torch.Tensor] = None, float_cols: Optional[torch.Tensor] = None,
+                           axis: int = 1) -> None:
         """Fix the grid; calibrated from the current weight with the configured algorithm when not given.
-        scale/zero are one per row of grouped(weight); with g_idx, [out, groups] and column j uses group g_idx[j]."""
+        scale/zero are one per row of grouped(weight) (of grouped(weight.T) with axis 0); with g_idx,
+        [out, groups] and column j uses group g_idx[j]. The input columns in float_cols stay float."""
         if self.wargs is None:
             return
+        self.w_axis = axis
         if scale is None:
-            scale, zero = calibrate(grouped(self.weight.detach(), self.wargs), self.wargs)
+            scale, zero = calibrate(grouped(self._oriented(self.weight.detach()), self.wargs), self.wargs)
         self.w_scale, self.w_zero = scale.detach(), zero.detach()
         self.w_gidx = g_idx
+        self.w_float_cols = float_cols
         self._cache = None
+
+    def _oriented(self, w: torch.Tensor) -> torch.Tensor:
+        return w.T if self.w_axis == 0 else w
 
     def freeze_lwc(self) -> None:
         """Fix the grid the learned clipping factors give on the current weight, and drop them."""
@@ -132,14 +141,20 @@ class QuantLinear(nn.Module):
             scale = self.w_scale.view(out, -1)[:, self.w_gidx]
             zero = self.w_zero.view(out, -1)[:, self.w_gidx]
             return quantize(w, scale, zero, self.wargs)
-        return quantize(grouped(w, self.wargs), self.w_scale, self.w_zero, self.wargs)
+        return quantize(grouped(self._oriented(w), self.wargs), self.w_scale, self.w_zero, self.wargs)
 
     def dequantized(self) -> torch.Tensor:
         q = self.int_weight()
         if self.w_gidx is not None:
             out = self.out_features
-            return dequantize(q, self.w_scale.view(out, -1)[:, self.w_gidx], self.w_zero.view(out, -1)[:, self.w_gidx])
-        return dequantize(q, self.w_scale, self.w_zero).reshape(self.weight.shape)
+            w = dequantize(q, self.w_scale.view(out, -1)[:, self.w_gidx], self.w_zero.view(out, -1)[:, self.w_gidx])
+        elif self.w_axis == 0:
+            w = dequantize(q, self.w_scale, self.w_zero).reshape(self.weight.T.shape).T
+        else:
+            w = dequantize(q, self.w_scale, self.w_zero).reshape(self.weight.shape)
+        if self.w_float_cols is not None:
+            w[:, self.w_float_cols] = self.weight.detach()[:, self.w_float_cols].to(w.dtype)
+        return w
 
     def fake_weight(self) -> torch.Tensor:
         if self.wargs is None:

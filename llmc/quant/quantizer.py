@@ -32,6 +32,7 @@ class QuantArgs:
     mse_b_num: int = 1
     percentile: float = 99.99
     scale_dtype: Optional[str] = None
+    round_zp: bool = True  # False: LLMC's float zero points (asymmetric), codes round(x/scale + zero)
 
     @classmethod
     def from_cfg(cls, cfg) -> Optional["QuantArgs"]:
@@ -91,6 +92,8 @@ def qparams_from_range(xmin: torch.Tensor, xmax: torch.Tensor, args: QuantArgs) 
     xmin = torch.minimum(xmin, torch.zeros_like(xmin))
     xmax = torch.maximum(xmax, torch.zeros_like(xmax))
     scale = _stored(((xmax - xmin) / (args.qmax - args.qmin)).clamp(min=eps), args)
+    if not args.round_zp:  # LLMC's round_zp: False keeps the exact (float) zero point
+        return scale, args.qmin - xmin / scale
     zero = _round(args.qmin - xmin / scale, args.ste).clamp(args.qmin, args.qmax)
     return scale, zero
 
@@ -113,6 +116,8 @@ def quantize(xg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, args: Qu
     if args.is_float:
         scaled = (xg / scale).clamp(args.qmin, args.qmax)
         return scaled.to(FLOAT_FORMATS[args.bit]).to(xg.dtype)
+    if not args.round_zp:  # a float zero point is added before rounding (LLMC, HQQ)
+        return torch.clamp(_round(xg / scale + zero, args.ste), args.qmin, args.qmax)
     return torch.clamp(_round(xg / scale, args.ste) + zero, args.qmin, args.qmax)
 
 
@@ -157,7 +162,7 @@ def _sum_to(x: torch.Tensor, shape) -> torch.Tensor:
 def quant_dequant(xg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, args: QuantArgs) -> torch.Tensor:
     """dequantize(quantize(xg)), through the fused straight-through function when a gradient is wanted."""
     wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (xg, scale, zero))
-    if args.ste and wants_grad and not args.is_float:
+    if args.ste and wants_grad and not args.is_float and args.round_zp:
         return _FakeQuantSTE.apply(xg, scale, zero.to(scale.dtype), float(args.qmin), float(args.qmax))
     return dequantize(quantize(xg, scale, zero, args), scale, zero)
 

@@ -24,7 +24,8 @@ from llmc.engine.offload import BlockStore, tag_blocks, wants_offload
 from llmc.engine.pipeline import quantize_blocks
 from llmc.errors import ConfigError, UserError
 from llmc.evaluation.lm_eval import evaluate_tasks
-from llmc.evaluation.ppl import eval_windows, perplexity
+from llmc.evaluation import sections as eval_sections
+from llmc.evaluation.ppl import perplexity
 from llmc.export.packing import packed_exports
 from llmc.export.save import save_fake_quant, save_streamed, save_transformed
 from llmc.export.state import architecture_fingerprint, load_state, save_state
@@ -163,20 +164,15 @@ def calibration_batches(config: Config, stages: list[Config], tokenizer, ctx) ->
 
 
 def evaluation_windows(config: Config, tokenizer) -> dict:
-    """Token windows of every perplexity section, by (section, dataset)."""
-    windows = {}
+    """The data of every evaluation section but lm_eval's (token windows, rows or prompts), by (section, dataset)."""
+    data = {}
     for i, ev in enumerate(config.eval):
-        if ev.type == "lm_eval":
+        if ev.type == "lm_eval" or not ev.eval_pos:
             continue
         prefix = "eval" if len(config.eval) == 1 else f"eval.{i}"
         for name in ev.name:
-            text = load_eval_text(name, ev.path, ev.download)
-            try:
-                windows[(i, name)] = eval_windows(tokenizer, text, ev.seq_len, ev.num_samples)
-            except ValueError as err:
-                raise ConfigError(f"{prefix}.seq_len", f"{ev.seq_len}: {name} ({ev.path or 'downloaded'}): {err}; "
-                                  "choose a shorter seq_len or a longer text") from None
-    return windows
+            data[(i, name)] = eval_sections.prepare(ev, name, tokenizer, prefix)
+    return data
 
 
 def _run_loaded(config: Config, ctx, stages: list[Config], adapter_cls, exports: list, out: Path, ckpt: Checkpoint,
@@ -191,6 +187,7 @@ def _run_loaded(config: Config, ctx, stages: list[Config], adapter_cls, exports:
         ckpt.check("calibration data", data_fingerprint(batches))
     adapter = adapter_cls(model)
     evals: list[dict] = []
+    references = eval_sections.float_references(config, model, adapter, windows_cache, ctx) if ctx.is_main else {}
 
     def evaluate(pos: str) -> None:
         for i, ev in enumerate(config.eval if ctx.is_main else []):
@@ -199,6 +196,12 @@ def _run_loaded(config: Config, ctx, stages: list[Config], adapter_cls, exports:
             if ev.type == "lm_eval":
                 with ctx.timed(f"eval {pos} lm_eval"), ctx.dtype(ev.compute_dtype):
                     evals.extend(evaluate_tasks(model, tokenizer, ev, ctx, pos))
+                continue
+            if ev.type != "ppl":
+                for name in ev.name:
+                    with ctx.timed(f"eval {pos} {ev.type} {name}"), ctx.dtype(ev.compute_dtype):
+                        evals.append(eval_sections.evaluate(model, adapter, tokenizer, ev, name, windows_cache[(i, name)],
+                                                            references.get((i, name)), ctx, pos))
                 continue
             for name in ev.name:
                 windows = windows_cache[(i, name)]

@@ -144,7 +144,7 @@ def run(config: Config, device: Optional[str] = None, config_path: Optional[str]
                            save.keep_checkpoint, writer=ctx.is_main)
     try:
         return _run_loaded(config, ctx, stages, adapter_cls, exports, out, ckpt, tokenizer, batches, windows_cache,
-                           results_path)
+                           results_path, config_path)
     except BaseException:
         ckpt.discard_if_unfinished()  # a run that failed before its first block leaves nothing behind
         if ctx.store is not None:
@@ -176,7 +176,8 @@ def evaluation_windows(config: Config, tokenizer) -> dict:
 
 
 def _run_loaded(config: Config, ctx, stages: list[Config], adapter_cls, exports: list, out: Path, ckpt: Checkpoint,
-                tokenizer, batches: list, windows_cache: dict, results_path: Optional[str]) -> dict:
+                tokenizer, batches: list, windows_cache: dict, results_path: Optional[str],
+                config_path: Optional[str] = None) -> dict:
     """The run from the model load on: evaluate, quantize stage by stage, evaluate, save, summarise."""
     ckpt.check("config", config_fingerprint(config.model_dump(mode="json")))
     with ctx.timed("load"):
@@ -243,6 +244,10 @@ def _run_loaded(config: Config, ctx, stages: list[Config], adapter_cls, exports:
 
     results = {"evals": evals, "timings": ctx.timings, "peak_rss_mb": peak_rss_mb(),
                "config": config.model_dump(mode="json"), "state": {k: len(v) for k, v in handed.items()}}
+    if config.opencompass is not None:
+        from llmc.evaluation import opencompass
+
+        results["opencompass"] = opencompass.run(config, config_path, out)
     target = Path(results_path) if results_path else out / "results.json"
     write_results(results, target)
     table = summary_table(evals) if evals else "(no evaluation configured)"

@@ -164,3 +164,18 @@ def test_llmc_spellings_are_read_as_meant(make_config, capsys):
                                    "quant": {"weight": {"need_pack": True}}, "save": {"save_vllm": True}}))
     assert cfg.eval[0].eval_pos == ["fake_quant"] and cfg.model.torch_dtype == "float32"
     assert load_config(make_config({"eval": {"eval_pos": []}})).eval[0].eval_pos == []
+
+
+def test_opencompass_section_without_opencompass_runs_and_records_the_skip(make_config, tmp_path, monkeypatch):
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    path = make_config({"opencompass": {"cfg_path": "eval_base.py", "max_num_workers": 1, "output_path": "oc"},
+                        "eval": {"eval_pos": ["fake_quant"], "num_samples": 1}})
+    assert main(["--config", path]) == 0
+    assert _results(tmp_path)["opencompass"] == "skipped: opencompass is not installed"
+
+
+def test_opencompass_installed_needs_save_trans(make_config, capsys, monkeypatch):
+    monkeypatch.setattr("shutil.which", lambda name: "/usr/bin/opencompass")
+    path = make_config({"opencompass": {"cfg_path": "eval_base.py"}})
+    assert main(["--config", path, "--dry-run"]) == 2
+    assert "save_trans" in capsys.readouterr().err

@@ -41,6 +41,9 @@ def _check_path(key: str, path, download: bool) -> None:
 def check_config(config: Config) -> None:
     """Every stage's quant section, then the data sections."""
     _check_offload(config)
+    from llmc.evaluation import opencompass
+
+    opencompass.check(config)
     for stage in config.stage_configs():
         check_packing(stage)
     produced: set[str] = set()

@@ -278,6 +278,14 @@ def _is_range(text: str) -> bool:
     return all(p.strip().isdigit() for p in parts) and len(parts) in (1, 2)
 
 
+class OpenCompassCfg(Section):
+    """LLMC's OpenCompass hand-off (llmc/evaluation/opencompass.py)."""
+
+    cfg_path: str
+    max_num_workers: int = Field(1, ge=1)
+    output_path: str = "./oc_output"
+
+
 class Config(Section):
     base: BaseCfg = BaseCfg()
     model: ModelCfg
@@ -289,6 +297,7 @@ class Config(Section):
     stages: Optional[list[QuantCfg]] = None
     save: SaveCfg = SaveCfg()
     ignored_layers: Optional[IgnoredLayersCfg] = None
+    opencompass: Optional[OpenCompassCfg] = None
 
     @model_validator(mode="after")
     def _quant_or_stages(self) -> "Config":

@@ -179,3 +179,54 @@ def test_opencompass_installed_needs_save_trans(make_config, capsys, monkeypatch
     path = make_config({"opencompass": {"cfg_path": "eval_base.py"}})
     assert main(["--config", path, "--dry-run"]) == 2
     assert "save_trans" in capsys.readouterr().err
+
+
+CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def _chat_model(tiny_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "chat-model"
+    shutil.copytree(tiny_dir(), folder)
+    (folder / "chat_template.jinja").write_text(CHAT)
+    return str(folder)
+
+
+def test_custom_txt_chat_template_calibration(make_config, tiny_dir, tmp_path):
+    import random
+
+    from llmc.config import load_config
+    from llmc.data import load_calib_samples
+    from llmc.models.load import load_tokenizer
+    from llmc.models import resolve_source
+    from llmc.registry import PREPROCESSORS
+
+    data = tmp_path / "custom"
+    data.mkdir()
+    questions = [f"Question {i}: what does a decoder block hold and why?" for i in range(12)]
+    (data / "samples.json").write_text(json.dumps([{"question": q, "answer": "x"} for q in questions]))
+    model = _chat_model(tiny_dir, tmp_path)
+    calib = {"name": "custom_txt", "path": str(data), "apply_chat_template": True, "n_samples": 3, "seq_len": 16,
+             "bs": -1, "preproc": "random_truncate_txt", "seed": 7}
+    path = make_config({"model": {"path": model}, "calib": calib, "quant": {"method": "GPTQ"},
+                        "eval": {"eval_pos": ["fake_quant"], "num_samples": 1}})
+    cfg = load_config(path)
+    tok = load_tokenizer(resolve_source(model), "fast")
+    samples = load_calib_samples(cfg.calib, tok)
+    rows = [tok.apply_chat_template([{"role": "system", "content": "You are a helpful assistant."},
+                                     {"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+            for q in questions]
+    assert rows[0] == f"<|system|>You are a helpful assistant.\n<|user|>{questions[0]}\n<|assistant|>"
+    expected = PREPROCESSORS.get("random_truncate_txt")(rows, tok, 3, 16, random.Random(7))
+    assert all(torch.equal(a, b) for a, b in zip(samples, expected)) and len(samples) == 3
+    assert main(["--config", path]) == 0  # and a whole GPTQ run calibrates on them
+
+
+def test_calib_padding_and_misplaced_chat_template_are_refused(make_config, capsys, wiki_files):
+    calib = {"name": "wikitext2", "path": wiki_files["valid"], "n_samples": 2, "seq_len": 16}
+    assert main(["--config", make_config({"calib": {**calib, "padding": True}}), "--dry-run"]) == 2
+    assert "calib.padding" in capsys.readouterr().err
+    assert main(["--config", make_config({"calib": {**calib, "apply_chat_template": True}}), "--dry-run"]) == 2
+    assert "calib.apply_chat_template" in capsys.readouterr().err

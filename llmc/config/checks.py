@@ -118,6 +118,9 @@ def check_quant(config: Config, available: set[str] = frozenset()) -> set[str]:
         if config.calib.preproc is not None:
             PREPROCESSORS.get(config.calib.preproc, "calib.preproc")
         _check_path("calib.path", config.calib.path, config.calib.download)
+        from llmc.data.calib import check_calib
+
+        check_calib(config.calib)
     for i, ev in enumerate(config.eval):
         prefix = "eval" if len(config.eval) == 1 else f"eval.{i}"
         if ev.type == "lm_eval":

@@ -62,6 +62,11 @@ class CalibCfg(Section):
     seed: Optional[int] = None  # None: base.seed
     # Keep captured block activations on the compute device (fast) or on the CPU (saves device memory).
     activations_on: Literal["device", "cpu"] = "device"
+    # custom_txt from LLMC's custom data layout (path/samples.json): wrap each question in the tokenizer's
+    # chat template (llmc/data/calib.py).
+    apply_chat_template: bool = False
+    # LLMC's padded calibration batches (with attention masks): refused in checks until the engine masks pads.
+    padding: bool = False
 
     @field_validator("bs")
     @classmethod

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import os
 import re
 import subprocess
@@ -68,12 +69,18 @@ def read(mirror: str, path: str) -> dict:
                                          text=True, check=True).stdout)
 
 
-def _data_path(section: dict, split: str) -> None:
+def _data_path(section: dict, split: str, tmp: str) -> None:
     if not isinstance(section, dict) or "path" not in section:
         return
     names = section.get("name")
     wiki = Path(DATA) / "wikitext2"
-    if isinstance(names, list) and len(names) > 1:
+    if names in ("custom_txt", "custom_gen"):  # LLMC's custom layout: a folder with samples.json
+        folder = Path(tmp) / "custom"
+        folder.mkdir(exist_ok=True)
+        lines = [ln.strip() for ln in (wiki / "wiki.test.raw").read_text().splitlines()[:200] if ln.strip()]
+        (folder / "samples.json").write_text(json.dumps([{"question": ln} for ln in lines]))
+        section["path"] = str(folder)
+    elif isinstance(names, list) and len(names) > 1:
         section["path"] = DATA  # LLMC reads path/<name> per dataset
     elif names in ("wikitext2", ["wikitext2"]):
         section["path"] = str(wiki / ("wiki.valid.tokens" if split == "calib" else "wiki.test.raw"))
@@ -99,10 +106,10 @@ def rewrite(raw: dict, tmp: str) -> dict:
     model["path"] = MODEL
     if model.get("type") in PLACEHOLDER_TYPES:
         model["type"] = "Llama"
-    _data_path(raw.get("calib"), "calib")
+    _data_path(raw.get("calib"), "calib", tmp)
     evals = raw.get("eval")
     for ev in evals if isinstance(evals, list) else [evals]:
-        _data_path(ev, "eval")
+        _data_path(ev, "eval", tmp)
     if isinstance(raw.get("save"), dict) and "save_path" in raw["save"]:
         raw["save"]["save_path"] = f"{tmp}/save"
     for q in [raw.get("quant")] + list(raw.get("stages") or []):
@@ -180,7 +187,7 @@ def main() -> int:
     lines = [f"# LLMC LLM-quantization configs under `--dry-run`",
              "", f"{accepted} of {len(rows)} accepted, {waiting} more accepted but for the state files their step 1 "
              "writes (placeholders rewritten: model path → `{MODEL}`, "
-             "`model_type` → Llama, data paths → LLMC_DATA/wikitext2, save/state paths → a temp dir, "
+             "`model_type` → Llama, data paths → LLMC_DATA/wikitext2 (LLMC's custom layout: a samples.json of wikitext lines), save/state paths → a temp dir, "
              "group_size 128 → 64). Regenerate: `python bench/llmc_configs.py`.", "",
              "| file | result | first line of the error | owner (issue) |", "|---|---|---|---|"]
     for f, ok, error, who in rows:

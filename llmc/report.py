@@ -15,7 +15,22 @@ def summary_table(evals: list[dict]) -> str:
     """The PPL table, then (when a run has lm-eval sections) a table of task metrics."""
     ppl = [e for e in evals if e.get("type", "ppl") == "ppl"]
     tasks = [e for e in evals if e.get("type") == "lm_eval"]
-    return "\n\n".join(t for t in (_ppl_table(ppl) if ppl else "", _lm_eval_table(tasks) if tasks else "") if t)
+    other = [e for e in evals if e.get("type") in ("decode_ppl", "token_acc", "generate_only")]
+    return "\n\n".join(t for t in (_ppl_table(ppl) if ppl else "", _lm_eval_table(tasks) if tasks else "",
+                                    _other_table(other) if other else "") if t)
+
+
+def _other_table(evals: list[dict]) -> str:
+    """decode_ppl (PPL decoded through the KV cache), token_acc (agreement with the float model's argmax),
+    generate_only (texts in results.json)."""
+    rows = [("position", "type", "dataset", "value", "over")]
+    for e in evals:
+        if e["type"] == "generate_only":
+            rows.append((e["pos"], e["type"], e["dataset"], f"{len(e['samples'])} texts", "results.json"))
+        else:
+            over = f"{e['tokens']} tokens" if e["type"] == "decode_ppl" else f"{e['windows']} x {e['seq_len']}"
+            rows.append((e["pos"], e["type"], e["dataset"], f"{e['value']:.4f}", over))
+    return _grid(rows)
 
 
 def _ppl_table(evals: list[dict]) -> str:

@@ -24,7 +24,8 @@ from llmc.engine.offload import BlockStore, tag_blocks, wants_offload
 from llmc.engine.pipeline import quantize_blocks
 from llmc.errors import ConfigError, UserError
 from llmc.evaluation.lm_eval import evaluate_tasks
-from llmc.evaluation.ppl import eval_windows, perplexity
+from llmc.evaluation import sections as eval_sections
+from llmc.evaluation.ppl import perplexity
 from llmc.export.packing import packed_exports
 from llmc.export.save import save_fake_quant, save_streamed, save_transformed
 from llmc.export.state import architecture_fingerprint, load_state, save_state
@@ -143,7 +144,7 @@ def run(config: Config, device: Optional[str] = None, config_path: Optional[str]
                            save.keep_checkpoint, writer=ctx.is_main)
     try:
         return _run_loaded(config, ctx, stages, adapter_cls, exports, out, ckpt, tokenizer, batches, windows_cache,
-                           results_path)
+                           results_path, config_path)
     except BaseException:
         ckpt.discard_if_unfinished()  # a run that failed before its first block leaves nothing behind
         if ctx.store is not None:
@@ -163,24 +164,20 @@ def calibration_batches(config: Config, stages: list[Config], tokenizer, ctx) ->
 
 
 def evaluation_windows(config: Config, tokenizer) -> dict:
-    """Token windows of every perplexity section, by (section, dataset)."""
-    windows = {}
+    """The data of every evaluation section but lm_eval's (token windows, rows or prompts), by (section, dataset)."""
+    data = {}
     for i, ev in enumerate(config.eval):
-        if ev.type == "lm_eval":
+        if ev.type == "lm_eval" or not ev.eval_pos:
             continue
         prefix = "eval" if len(config.eval) == 1 else f"eval.{i}"
         for name in ev.name:
-            text = load_eval_text(name, ev.path, ev.download)
-            try:
-                windows[(i, name)] = eval_windows(tokenizer, text, ev.seq_len, ev.num_samples)
-            except ValueError as err:
-                raise ConfigError(f"{prefix}.seq_len", f"{ev.seq_len}: {name} ({ev.path or 'downloaded'}): {err}; "
-                                  "choose a shorter seq_len or a longer text") from None
-    return windows
+            data[(i, name)] = eval_sections.prepare(ev, name, tokenizer, prefix)
+    return data
 
 
 def _run_loaded(config: Config, ctx, stages: list[Config], adapter_cls, exports: list, out: Path, ckpt: Checkpoint,
-                tokenizer, batches: list, windows_cache: dict, results_path: Optional[str]) -> dict:
+                tokenizer, batches: list, windows_cache: dict, results_path: Optional[str],
+                config_path: Optional[str] = None) -> dict:
     """The run from the model load on: evaluate, quantize stage by stage, evaluate, save, summarise."""
     ckpt.check("config", config_fingerprint(config.model_dump(mode="json")))
     with ctx.timed("load"):
@@ -191,6 +188,7 @@ def _run_loaded(config: Config, ctx, stages: list[Config], adapter_cls, exports:
         ckpt.check("calibration data", data_fingerprint(batches))
     adapter = adapter_cls(model)
     evals: list[dict] = []
+    references = eval_sections.float_references(config, model, adapter, windows_cache, ctx) if ctx.is_main else {}
 
     def evaluate(pos: str) -> None:
         for i, ev in enumerate(config.eval if ctx.is_main else []):
@@ -199,6 +197,12 @@ def _run_loaded(config: Config, ctx, stages: list[Config], adapter_cls, exports:
             if ev.type == "lm_eval":
                 with ctx.timed(f"eval {pos} lm_eval"), ctx.dtype(ev.compute_dtype):
                     evals.extend(evaluate_tasks(model, tokenizer, ev, ctx, pos))
+                continue
+            if ev.type != "ppl":
+                for name in ev.name:
+                    with ctx.timed(f"eval {pos} {ev.type} {name}"), ctx.dtype(ev.compute_dtype):
+                        evals.append(eval_sections.evaluate(model, adapter, tokenizer, ev, name, windows_cache[(i, name)],
+                                                            references.get((i, name)), ctx, pos))
                 continue
             for name in ev.name:
                 windows = windows_cache[(i, name)]
@@ -240,6 +244,10 @@ def _run_loaded(config: Config, ctx, stages: list[Config], adapter_cls, exports:
 
     results = {"evals": evals, "timings": ctx.timings, "peak_rss_mb": peak_rss_mb(),
                "config": config.model_dump(mode="json"), "state": {k: len(v) for k, v in handed.items()}}
+    if config.opencompass is not None:
+        from llmc.evaluation import opencompass
+
+        results["opencompass"] = opencompass.run(config, config_path, out)
     target = Path(results_path) if results_path else out / "results.json"
     write_results(results, target)
     table = summary_table(evals) if evals else "(no evaluation configured)"

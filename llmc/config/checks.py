@@ -41,6 +41,11 @@ def _check_path(key: str, path, download: bool) -> None:
 def check_config(config: Config) -> None:
     """Every stage's quant section, then the data sections."""
     _check_offload(config)
+    from llmc.evaluation import opencompass
+
+    opencompass.check(config)
+    for stage in config.stage_configs():
+        check_packing(stage)
     produced: set[str] = set()
     for i, stage in enumerate(config.stage_configs()):
         try:
@@ -113,6 +118,9 @@ def check_quant(config: Config, available: set[str] = frozenset()) -> set[str]:
         if config.calib.preproc is not None:
             PREPROCESSORS.get(config.calib.preproc, "calib.preproc")
         _check_path("calib.path", config.calib.path, config.calib.download)
+        from llmc.data.calib import check_calib
+
+        check_calib(config.calib)
     for i, ev in enumerate(config.eval):
         prefix = "eval" if len(config.eval) == 1 else f"eval.{i}"
         if ev.type == "lm_eval":
@@ -120,12 +128,43 @@ def check_quant(config: Config, available: set[str] = frozenset()) -> set[str]:
 
             check_section(ev, prefix)
             continue
-        if ev.tasks:
-            raise ConfigError(f"{prefix}.tasks", f"{ev.tasks} names lm-eval tasks; add type: lm_eval to this section")
-        for name in ev.name:
-            DATASETS.get(name, f"{prefix}.name")
-        _check_path(f"{prefix}.path", ev.path, ev.download)
+        from llmc.evaluation.sections import check_section as check_eval
+
+        check_eval(ev, prefix)
     return cls.produces(options)
+
+
+def check_packing(config: Config) -> None:
+    """LLMC's need_pack / pack_version choose how an export packs weights: each must name a packing an
+    export of this run writes (else it would change nothing)."""
+    q, save = config.quant, config.save
+    if q.act is not None and (q.act.need_pack is not None or q.act.pack_version is not None):
+        raise ConfigError("quant.act.need_pack" if q.act.need_pack is not None else "quant.act.pack_version",
+                          "packing applies to weights; move it to quant.weight")
+    w = q.weight
+    if w is None:
+        return
+    ct = [k for k in ("save_vllm", "save_sgl") if getattr(save, k)]
+    if w.need_pack is not None:
+        if not ct:
+            raise ConfigError("quant.weight.need_pack", f"{w.need_pack}: packing is what save_vllm/save_sgl "
+                              "(compressed-tensors) write; neither is set, so remove need_pack or set one")
+        if w.need_pack and isinstance(w.bit, str):
+            raise ConfigError("quant.weight.need_pack", f"True with bit {w.bit}: fp8 weights are written "
+                              "float-quantized (one byte each), not packed; remove need_pack")
+        if w.need_pack and q.act is not None:
+            raise ConfigError("quant.weight.need_pack", f"True with an act section: {'/'.join(ct)} write "
+                              "weight-activation models int-quantized (int8 weights unpacked); remove need_pack")
+        if not w.need_pack and q.act is None:
+            raise ConfigError("quant.weight.need_pack", f"False: {'/'.join(ct)} write weight-only models "
+                              "pack-quantized (int32-packed), the format vLLM and SGLang load; set need_pack: True")
+    if w.pack_version is not None:
+        if not save.save_autoawq:
+            raise ConfigError("quant.weight.pack_version", f"{w.pack_version}: the AutoAWQ packing, which only "
+                              "save_autoawq writes; set save.save_autoawq: True or remove pack_version")
+        if w.pack_version != "gemm_pack":
+            raise ConfigError("quant.weight.pack_version", f"{w.pack_version}: save_autoawq writes the GEMM "
+                              "layout (gemm_pack), which AutoAWQ, transformers and vLLM load; set gemm_pack")
 
 
 def _check_offload(config: Config) -> None:
@@ -136,9 +175,10 @@ def _check_offload(config: Config) -> None:
     if config.stages:
         raise ConfigError("model.offload", f"{mode}: `stages` (several algorithms in one process) need the whole "
                           "model in memory between stages; run the stages as separate configs with save_trans")
-    if any(ev.type == "lm_eval" for ev in config.eval):
-        raise ConfigError("model.offload", f"{mode}: lm-eval needs the whole model in memory; evaluate the saved "
-                          "model separately, or use PPL evaluation (it runs block by block)")
+    whole = sorted({ev.type for ev in config.eval if ev.type in ("lm_eval", "decode_ppl", "generate_only")})
+    if whole:
+        raise ConfigError("model.offload", f"{mode}: eval type {'/'.join(whole)} needs the whole model in memory; "
+                          "evaluate the saved model separately, or use ppl/token_acc (they run block by block)")
     packed = [k for k in ("save_autoawq", "save_gptq", "save_vllm", "save_sgl") if getattr(config.save, k)]
     if packed:
         raise ConfigError("model.offload", f"{mode}: {'/'.join(packed)} do not stream yet; save_fake or save_trans "

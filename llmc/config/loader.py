@@ -17,7 +17,8 @@ from llmc.registry import did_you_mean
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 # Keys holding filesystem paths: made absolute against the working directory at load time.
 PATH_KEYS = {("model", "path"), ("calib", "path"), ("eval", "path"), ("eval", "include_path"),
-             ("save", "save_path"), ("quant", "special", "scale_path"), ("quant", "special", "clip_path")}
+             ("save", "save_path"), ("quant", "special", "scale_path"), ("quant", "special", "clip_path"),
+             ("opencompass", "cfg_path"), ("opencompass", "output_path")}
 
 
 def expand_env(value: Any, key: str = "") -> Any:

@@ -31,6 +31,18 @@ class ModelCfg(Section):
     path: str
     gguf_file: Optional[str] = None
     torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+    @field_validator("torch_dtype", mode="before")
+    @classmethod
+    def _torch_spelling(cls, v: Any) -> Any:
+        """LLMC spells dtypes as torch attributes (`torch.bfloat16`)."""
+        if isinstance(v, str) and v.startswith("torch."):
+            name = v.removeprefix("torch.")
+            if name.startswith("float8"):
+                raise ValueError(f"'{v}' loads an FP8-stored checkpoint (DeepSeek-V3's block-wise FP8), which "
+                                 "llmc does not read yet; use the bf16 checkpoint with torch_dtype: auto")
+            return name
+        return v
     tokenizer_mode: Literal["slow", "fast"] = "fast"
     # The dtype block forwards and learned methods compute in; statistics stay float32 whatever this is.
     compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -50,6 +62,11 @@ class CalibCfg(Section):
     seed: Optional[int] = None  # None: base.seed
     # Keep captured block activations on the compute device (fast) or on the CPU (saves device memory).
     activations_on: Literal["device", "cpu"] = "device"
+    # custom_txt from LLMC's custom data layout (path/samples.json): wrap each question in the tokenizer's
+    # chat template (llmc/data/calib.py).
+    apply_chat_template: bool = False
+    # LLMC's padded calibration batches (with attention masks): refused in checks until the engine masks pads.
+    padding: bool = False
 
     @field_validator("bs")
     @classmethod
@@ -62,7 +79,9 @@ class CalibCfg(Section):
 class EvalCfg(Section):
     eval_pos: list[Literal[EVAL_POSITIONS]] = ["pretrain", "fake_quant"]  # type: ignore[valid-type]
     name: list[str] = ["wikitext2"]
-    type: Literal["ppl", "lm_eval"] = "ppl"
+    # ppl; decode_ppl (token by token through the KV cache), token_acc (argmax agreement with the float
+    # model), generate_only (greedy texts from custom_gen prompts): llmc/evaluation/; lm_eval below.
+    type: Literal["ppl", "lm_eval", "decode_ppl", "token_acc", "generate_only"] = "ppl"
     download: bool = False
     path: Optional[str] = None
     seq_len: int = Field(2048, ge=2)
@@ -78,6 +97,17 @@ class EvalCfg(Section):
     limit: Optional[Union[int, float]] = Field(None, gt=0)  # documents per task; below 1, a fraction
     batch_size: Optional[int] = Field(None, ge=1)  # None: bs
     include_path: Optional[str] = None  # a folder of task YAMLs
+    num_eval_tokens: Optional[int] = Field(None, ge=1)  # decode_ppl: stop after this many predicted tokens
+    max_new_tokens: Optional[int] = Field(None, ge=1)  # generate_only: tokens generated per prompt (32)
+    apply_chat_template: bool = False  # generate_only: wrap each prompt in the tokenizer's chat template
+
+    def path_for(self, name: str) -> Optional[str]:
+        """LLMC reads several datasets of one section from path/<name>; a single one from path itself."""
+        if self.path is None or len(self.name) == 1:
+            return self.path
+        import os
+
+        return os.path.join(self.path, name)
 
     @model_validator(mode="before")
     @classmethod
@@ -93,6 +123,23 @@ class EvalCfg(Section):
     @classmethod
     def _listify(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
+
+    @field_validator("eval_pos", mode="before")
+    @classmethod
+    def _pos_spelling(cls, v: Any) -> Any:
+        """LLMC ignores an eval_pos it does not know (its `fake-quant` typo evaluates nothing); here a
+        position spelled with '-' or ' ' for '_' is read as meant, with a warning, and anything else is refused."""
+        if not isinstance(v, list):
+            return v
+        out = []
+        for pos in v:
+            fixed = pos.strip().lower().replace("-", "_").replace(" ", "_") if isinstance(pos, str) else pos
+            if fixed != pos and fixed in EVAL_POSITIONS:
+                from loguru import logger
+
+                logger.warning(f"eval.eval_pos: '{pos}' read as '{fixed}' (LLMC would skip this position)")
+            out.append(fixed if fixed in EVAL_POSITIONS else pos)
+        return out
 
 
 class QuantSpecCfg(Section):
@@ -120,6 +167,11 @@ class QuantSpecCfg(Section):
     # LLMC's round_zp: False keeps asymmetric zero points as floats (HQQ optimises them); only the
     # fake-quant model can hold them (packed exports refuse).
     round_zp: bool = True
+    # LLMC's export knobs, checked against the save keys (llmc/config/checks.py): need_pack True = integer
+    # weights packed into int32 (compressed-tensors pack-quantized, save_vllm/save_sgl); pack_version =
+    # AutoAWQ's packing (save_autoawq writes gemm_pack).
+    need_pack: Optional[bool] = None
+    pack_version: Optional[Literal["gemm_pack", "gemv_pack"]] = None
 
     @field_validator("bit")
     @classmethod
@@ -237,6 +289,14 @@ def _is_range(text: str) -> bool:
     return all(p.strip().isdigit() for p in parts) and len(parts) in (1, 2)
 
 
+class OpenCompassCfg(Section):
+    """LLMC's OpenCompass hand-off (llmc/evaluation/opencompass.py)."""
+
+    cfg_path: str
+    max_num_workers: int = Field(1, ge=1)
+    output_path: str = "./oc_output"
+
+
 class Config(Section):
     base: BaseCfg = BaseCfg()
     model: ModelCfg
@@ -248,6 +308,7 @@ class Config(Section):
     stages: Optional[list[QuantCfg]] = None
     save: SaveCfg = SaveCfg()
     ignored_layers: Optional[IgnoredLayersCfg] = None
+    opencompass: Optional[OpenCompassCfg] = None
 
     @model_validator(mode="after")
     def _quant_or_stages(self) -> "Config":

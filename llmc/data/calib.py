@@ -1,6 +1,7 @@
 """Calibration data: load a source, preprocess it into token samples, and batch them."""
 from __future__ import annotations
 
+import os
 import random
 
 import torch
@@ -29,11 +30,36 @@ def load_calib_samples(cfg, tokenizer) -> list[torch.Tensor]:
         value = getattr(cfg, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"calib.{key}", f"got {value!r}; expected a positive integer")
-    rows = source(cfg.path, cfg.download, "calib", "calib")
+    rows = custom_questions(cfg, tokenizer) if _custom_layout(cfg) else source(cfg.path, cfg.download, "calib", "calib")
     # A private generator: the samples do not depend on (or disturb) the global RNG state.
     samples = fn(rows, tokenizer, cfg.n_samples, cfg.seq_len, random.Random(cfg.seed))
     logger.info(f"calib: {len(samples)} samples from {cfg.name} via {name} (seq_len {cfg.seq_len})")
     return samples
+
+
+def _custom_layout(cfg) -> bool:
+    """LLMC's custom_txt: a folder holding samples.json (records with a 'question')."""
+    return cfg.name.lower() == "custom_txt" and bool(cfg.path) and os.path.isfile(os.path.join(cfg.path, "samples.json"))
+
+
+def check_calib(cfg) -> None:
+    """LLMC's calibration modes, before any weight loads."""
+    if getattr(cfg, "padding", False):
+        raise ConfigError("calib.padding", "True: padded calibration batches (attention masks through every "
+                          "block and algorithm) are not implemented yet; set padding: False (with custom_txt, "
+                          "preproc random_truncate_txt cuts equal-length samples from the texts)")
+    if getattr(cfg, "apply_chat_template", False) and not _custom_layout(cfg):
+        raise ConfigError("calib.apply_chat_template", "True is read with name: custom_txt and a path holding "
+                          "samples.json (LLMC's custom data layout); "
+                          f"here name is {cfg.name} and path {cfg.path}")
+
+
+def custom_questions(cfg, tokenizer) -> list[str]:
+    """The questions of path/samples.json, each wrapped in the chat template when apply_chat_template (the
+    system turn and generation prompt LLMC adds); they go to the preprocessor as text rows."""
+    from llmc.evaluation.generate import prompts, read_samples
+
+    return prompts(read_samples(cfg.path, "calib"), tokenizer, getattr(cfg, "apply_chat_template", False), "calib")
 
 
 def batch_samples(samples: list[torch.Tensor], bs: int) -> list[torch.Tensor]:

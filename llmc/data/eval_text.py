@@ -25,3 +25,8 @@ def load_eval_text(name: str, path: str | None, download: bool, key: str = "eval
     if source is sources.ptb:
         return " ".join(rows)
     return "\n\n".join(rows)
+
+
+def load_eval_rows(name: str, path: str | None, download: bool, key: str = "eval") -> list[str]:
+    """The dataset's rows unjoined (wikitext2: its lines), as decode_ppl reads them."""
+    return DATASETS.get(name, f"{key}.name")(path, download, "eval", key)

@@ -167,6 +167,9 @@ def wikitext2(path: str | None, download: bool, split: str, key: str | None = No
         return _column(ds, "text", section, "wikitext")
     what = "a wikitext file (e.g. wiki.test.raw) or a datasets.save_to_disk folder, or download: true"
     path = need_path(path, section, what)
+    raw = os.path.join(path, "wiki.train.raw" if split == "calib" else "wiki.test.raw")
+    if os.path.isdir(path) and os.path.isfile(raw):  # the raw release's folder
+        return wikitext_rows(read_text(raw, section))
     if os.path.isdir(path):
         return _from_disk(path, "text", split, section)
     return wikitext_rows(read_text(path, section))

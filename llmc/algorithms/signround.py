@@ -34,6 +34,7 @@ class SignRoundOptions(Options):
     enable_quanted_input: bool = True
     not_use_best_mse: bool = False                   # keep the last iteration instead of the best one
     dynamic_max_gap: int = -1                        # stop a block after this many iterations without a new best
+    enable_torch_compile: bool = False               # auto-round's key: the training forward through torch.compile
 
 
 class LearnedRounding(nn.Module):
@@ -138,6 +139,10 @@ class SignRound(Algorithm):
                               f"enable_quanted_input {opts.enable_quanted_input} (the same choice: whether each "
                               "block trains on the previous quantized block's outputs); set one of them")
 
+    def __init__(self, wargs, aargs, options):
+        super().__init__(wargs, aargs, options)
+        self._forward = None  # the block's training forward (compiled with enable_torch_compile)
+
     @classmethod
     def quant_out(cls, quant_cfg) -> bool:
         return SignRoundOptions.model_validate(quant_cfg.special).enable_quanted_input
@@ -176,6 +181,10 @@ class SignRound(Algorithm):
         if opts.enable_minmax_tuning:
             groups.append(([p for r in rounding for p in (r.min_scale, r.max_scale)], minmax_lr))
         params = [p for ps, _ in groups for p in ps]
+        self._forward = job.block
+        if opts.enable_torch_compile:
+            # One compiled graph serves every block (parameters are graph inputs), so only the first pays.
+            self._forward = torch.compile(job.block)
         owned, n = self._sample_ids(job)
         # Every process draws the same global mini-batches (seeded by block) and works on the samples it
         # holds: the summed squared errors and gradients are one process's, whatever the process count.
@@ -217,6 +226,7 @@ class SignRound(Algorithm):
         for p in params:
             p.grad = None
             p.requires_grad_(False)
+        self._forward = None
         kept = "last" if opts.not_use_best_mse else f"best (iter {best_iter})"
         logger.info(f"SignRound {job.name}: loss {first:.6g} at iter 0 -> {best_loss if best else value:.6g} {kept}")
 
@@ -238,7 +248,7 @@ class SignRound(Algorithm):
         total, count = None, 0
         for hidden, args, kwargs, rows in job.sample_batches(picks):
             with job.ctx.autocast():
-                out = job.block(hidden, *args, **kwargs)
+                out = (job.block if self._forward is None else self._forward)(hidden, *args, **kwargs)
             out = (out[0] if isinstance(out, (tuple, list)) else out).float()
             want = torch.cat([targets[b][r:r + 1] for b, r in rows]).to(out.device).float()
             err = (out - want).pow(2).sum()

@@ -17,7 +17,7 @@ from loguru import logger
 from pydantic import Field
 
 from llmc.algorithms.base import Algorithm, Options
-from llmc.quant.quantizer import QuantArgs, calibrate, dequantize, quantize
+from llmc.quant.quantizer import QuantArgs, bind_global, calibrate, dequantize, quantize
 from llmc.registry import ALGORITHMS
 
 
@@ -92,6 +92,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, args: QuantArgs, opts: GPTQO
     and released as soon as its factor exists when the caller holds no other reference."""
     W = W.float().clone()
     H = H.float()
+    if args.quant_type == "nvfp4" and args.global_scale is None:  # one global scale, from the weight as given
+        args = bind_global(args, W)
     rows, cols = W.shape
     gs = args.group_size if args.granularity == "per_group" else cols
     dead = torch.diag(H) == 0
@@ -217,7 +219,7 @@ class GPTQ(Algorithm):
                     found = None
                     if job.ctx.shard.rank == owner:
                         found = gptq_quantize(q.weight.data, H.pop(subset.input) if last else H[subset.input].clone(),
-                                              self.wargs, opts, job.full_name(name))
+                                              q.wargs, opts, job.full_name(name))
                     elif last:
                         del H[subset.input]
                     Q, scale, zero, g_idx = job.ctx.share(found, owner)

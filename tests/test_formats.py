@@ -300,3 +300,27 @@ def test_nf4_and_plain_e2m1_exports_refused(make_config, capsys):
         cfg = make_config({"quant": {"weight": {**base, "quant_type": "nf4"}}, "save": {key: True}})
         assert main(["--config", cfg]) == 2
         assert f"save.{key}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("weight", [
+    # LLMC's configs/quantization/methods/FP_Quant/awq_we2m1a16_g128.yml, with the tiny model's group size
+    {"quant_type": "float-quant", "bit": "e2m1", "symmetric": False, "granularity": "per_group", "group_size": 32,
+     "use_qtorch": True},
+    {"quant_type": "nvfp4"},
+])
+def test_awq_with_fp4_runs_and_lands_on_the_grid(make_config, tmp_path, wiki_files, weight):
+    from conftest import _DELETE
+
+    from llmc.export.save import load_fake_quant
+
+    base = {k: _DELETE for k in ("bit", "symmetric", "granularity", "group_size")}
+    calib = {"name": "wikitext2", "path": wiki_files["valid"], "n_samples": 8, "seq_len": 64, "bs": -1}
+    cfg = make_config({"calib": calib, "eval": {"eval_pos": ["fake_quant"], "num_samples": 1},
+                       "quant": {"method": "Awq", "weight": {**base, **weight},
+                                 "special": {"quant_type": weight["quant_type"], "trans": True,
+                                             "trans_version": "v2", "weight_clip": True, "clip_sym": True}},
+                       "save": {"save_fake": True}})
+    assert main(["--config", cfg]) == 0
+    model = load_fake_quant(tmp_path / "out" / "fake_quant_model")
+    fmt = "fp4" if weight["quant_type"] == "float-quant" else "nvfp4"
+    assert on_grid(model.model.layers[2].mlp.up_proj.weight.detach(), fmt)

@@ -38,6 +38,10 @@ class QuantArgs:
     # NVFP4's per-tensor scale, bound to one weight (`bind_global`); not part of the settings' identity.
     global_scale: Optional[float] = field(default=None, compare=False)
 
+    def __post_init__(self):
+        if isinstance(self.bit, str) and self.quant_type == "int-quant":  # QuantArgs(bit="e4m3"): FP8
+            object.__setattr__(self, "quant_type", "float-quant")
+
     @classmethod
     def from_cfg(cls, cfg) -> Optional["QuantArgs"]:
         if cfg is None:
@@ -48,7 +52,7 @@ class QuantArgs:
     @property
     def is_float(self) -> bool:
         """Not an integer grid: the codes are the format's values (fp8, fp4, nf4 levels)."""
-        return self.quant_type != "int-quant" or isinstance(self.bit, str)
+        return self.quant_type != "int-quant"
 
     @property
     def fmt(self) -> str:

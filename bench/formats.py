@@ -39,7 +39,7 @@ ROWS = {f"{method} {fmt}": (config, overrides) for method, config in (("RTN", RT
         for fmt, overrides in FORMATS.items()}
 ROWS["FP"] = (RTN, ["eval.eval_pos=[pretrain]"])
 # --smoke: the same rows on a small model with tiny sizes, to check every row runs (not a measurement)
-SMOKE = ["eval.num_samples=1", "eval.seq_len=64", "calib.n_samples=4", "calib.seq_len=64",
+SMOKE = ["eval.eval_pos=[fake_quant]", "eval.num_samples=1", "eval.seq_len=64", "calib.n_samples=4", "calib.seq_len=64",
          "calib.bs=-1"]
 
 

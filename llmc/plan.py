@@ -11,11 +11,9 @@ GIB = 1024 ** 3
 
 
 def _describe(spec) -> str:
-    if spec is None:
-        return "float"
-    kind = f"fp8-{spec.bit}" if isinstance(spec.bit, str) else f"int{spec.bit}"
-    gran = f"g{spec.group_size}" if spec.granularity == "per_group" else spec.granularity
-    return f"{kind} {'sym' if spec.symmetric else 'asym'} {gran}{' static' if spec.static else ''}"
+    from llmc.quant.quantizer import QuantArgs
+
+    return "float" if spec is None else QuantArgs.from_cfg(spec).describe()
 
 
 def _size(n_bytes: float) -> str:

@@ -23,7 +23,7 @@ from llmc.algorithms.base import Algorithm, Options
 from llmc.algorithms.equivalence import fold_plan, forward_loss, gram_loss
 from llmc.algorithms.smoothquant import _input_hooks, _smoothed_act_quant
 from llmc.quant.fake_linear import ActQuantizer
-from llmc.quant.quantizer import QuantArgs, calibrate, dequantize, fake_quant, grouped, qparams_from_range, quantize, row_range
+from llmc.quant.quantizer import QuantArgs, bind_global, calibrate, dequantize, fake_quant, grouped, qparams_from_range, quantize, row_range
 from llmc.registry import ALGORITHMS
 
 
@@ -133,7 +133,7 @@ class Awq(Algorithm):
             else:  # the clipped range, as if the weight were clipped, sets the grid; the weight stays
                 wmin, wmax = row_range(grouped(q.weight.detach().float(), self.wargs))
                 lo, hi = (c.to(q.weight.device).reshape(-1, 1) for c in clip)
-                q.set_weight_qparams(*qparams_from_range(torch.maximum(lo, wmin), torch.minimum(hi, wmax), self.wargs))
+                q.set_weight_qparams(*qparams_from_range(torch.maximum(lo, wmin), torch.minimum(hi, wmax), q.wargs))
         self.calibrate_static_acts(job, qlinears)
         state = {}
         if scales:
@@ -225,6 +225,7 @@ def clip_search(weight: torch.Tensor, xs: list[torch.Tensor], args: QuantArgs, s
     step-th of all calibration tokens by global index, so data-parallel ranks (each holding a share,
     `token_index`) sample together what one process would, and sum their errors through `reduce`."""
     w = weight.float()
+    args = bind_global(args, w)  # NVFP4: every candidate under the global scale of the unclipped weight
     co, ci = w.shape
     gs = args.group_size if args.granularity == "per_group" else ci
     n_groups = ci // gs

@@ -25,7 +25,7 @@ from pydantic import Field
 
 from llmc.algorithms.base import Algorithm, Options
 from llmc.errors import ConfigError
-from llmc.quant.quantizer import QuantArgs, calibrate, dequantize, fake_quant, quantize
+from llmc.quant.quantizer import QuantArgs, bind_global, calibrate, dequantize, fake_quant, quantize
 from llmc.registry import ALGORITHMS
 
 
@@ -118,6 +118,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, args: QuantArgs, opts: GPTQO
     and the groups are formed over the other columns in order (so g_idx is returned for per_group)."""
     W = W.float().clone()
     H = H.float()
+    if args.quant_type == "nvfp4" and args.global_scale is None:  # one global scale, from the weight as given
+        args = bind_global(args, W)
     rows, cols = W.shape
     gs = args.group_size if args.granularity == "per_group" else cols
     dead = torch.diag(H) == 0
@@ -292,7 +294,7 @@ class GPTQ(Algorithm):
                     if job.ctx.shard.rank == owner:
                         keep = self.weak_columns(job, name, q.weight.data, H[subset.input])
                         found = (*gptq_quantize(q.weight.data, H.pop(subset.input) if last else H[subset.input].clone(),
-                                                self.wargs, opts, job.full_name(name), keep), keep)
+                                                q.wargs, opts, job.full_name(name), keep), keep)
                     elif last:
                         del H[subset.input]
                     Q, scale, zero, g_idx, keep = job.ctx.share(found, owner)

@@ -132,8 +132,9 @@ class SignRound(Algorithm):
         w = config.quant.weight
         if w is None:
             raise ConfigError("quant.weight", "SignRound learns the rounding of weights: a weight section is required")
-        if isinstance(w.bit, str):
-            raise ConfigError("quant.weight.bit", f"'{w.bit}': SignRound learns integer rounding; use an integer bit")
+        if isinstance(w.bit, str) or w.quant_type != "int-quant":
+            raise ConfigError("quant.weight", f"bit {w.bit}, quant_type {w.quant_type}: SignRound learns the rounding "
+                              "of an integer grid; use an integer bit with quant_type int-quant")
         if "quant_out" in config.quant.model_fields_set and config.quant.quant_out != opts.enable_quanted_input:
             raise ConfigError("quant.quant_out", f"{config.quant.quant_out} contradicts quant.special."
                               f"enable_quanted_input {opts.enable_quanted_input} (the same choice: whether each "

@@ -94,6 +94,9 @@ def check_quant(config: Config, available: set[str] = frozenset()) -> set[str]:
             f"{cls.name} learns through the rounding and always uses straight-through gradients; remove ste"
             if learned else f"{cls.name} computes no gradients, so straight-through rounding has no effect; "
             "remove ste (it applies to learned methods such as OmniQuant)"))
+    if learned and q.weight is not None and (q.weight.quant_type in ("nvfp4", "mxfp4", "nf4") or q.weight.bit == "e2m1"):
+        raise ConfigError("quant.weight.quant_type", f"{q.weight.quant_type} (bit {q.weight.bit}) with {cls.name}: its "
+                          "learned clipping trains through integer or fp8 rounding only; use RTN, GPTQ or AWQ")
     if q.weight is not None and q.weight.calib_algo not in ("minmax", "mse") + cls.weight_calib_algos:
         raise ConfigError("quant.weight.calib_algo", f"'{q.weight.calib_algo}' is not available with {cls.name}; "
                           f"expected one of {', '.join(('minmax', 'mse') + cls.weight_calib_algos)}")

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
+from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from llmc.quant.formats import FIXED_GROUP, GROUP_SIZE, QUANT_TYPES
 
 Granularity = Literal["per_tensor", "per_channel", "per_group", "per_token", "per_head"]
 EVAL_POSITIONS = ("pretrain", "transformed", "fake_quant", "fake_quant_wo_kv")
@@ -145,7 +148,12 @@ class EvalCfg(Section):
 class QuantSpecCfg(Section):
     """One quantizer: integer bits (or a float format name), sign, granularity and range calibration."""
 
-    bit: Union[int, Literal["e4m3", "e5m2"]] = 8
+    # int-quant (integer grid), float-quant (bit e2m1/e4m3/e5m2, LLMC's key), or a named 4-bit format
+    # (nvfp4, mxfp4, nf4) whose bit and groups it fixes; inferred from bit when absent (docs/formats.md).
+    quant_type: Literal[QUANT_TYPES] = "int-quant"  # type: ignore[valid-type]
+    # LLMC simulates float formats through qtorch with it; here they are simulated natively either way.
+    use_qtorch: Optional[bool] = None
+    bit: Union[int, Literal["e2m1", "e4m3", "e5m2"]] = 8
     symmetric: bool = True
     granularity: Granularity = "per_channel"
     group_size: int = -1
@@ -180,6 +188,13 @@ class QuantSpecCfg(Section):
             raise ValueError("integer bits must be between 1 and 8")
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _format(cls, v: Any) -> Any:
+        """Fill in what a named format fixes and refuse what contradicts it (before the field checks, so
+        the defaults of bit and granularity are the format's)."""
+        return _format_defaults(v) if isinstance(v, dict) else v
+
     @model_validator(mode="after")
     def _group(self) -> "QuantSpecCfg":
         if self.granularity == "per_group" and self.group_size < 1:
@@ -198,7 +213,60 @@ class QuantSpecCfg(Section):
         if not self.round_zp and (self.symmetric or isinstance(self.bit, str)):
             raise ValueError("round_zp False keeps a float zero point, which only asymmetric integer grids have; "
                              "remove round_zp or set symmetric: False")
+        if self.quant_type in FIXED_GROUP and (self.granularity != "per_group" or self.group_size != GROUP_SIZE[self.quant_type]):
+            raise ValueError(f"quant_type {self.quant_type} has groups of {GROUP_SIZE[self.quant_type]} (its definition); got "
+                             f"granularity {self.granularity}, group_size {self.group_size}: remove both or set "
+                             f"granularity: per_group, group_size: {GROUP_SIZE[self.quant_type]}")
+        if self.quant_type != "int-quant" and self.scale_dtype not in (None, "float32") and self.quant_type != "float-quant":
+            raise ValueError(f"scale_dtype {self.scale_dtype} with quant_type {self.quant_type}: its scales are stored as the "
+                             "format defines them (nvfp4: fp8 e4m3 under a float32 global scale; mxfp4: powers of two; "
+                             "nf4: float32 absmax); remove scale_dtype")
         return self
+
+
+def _quant_type_of(v: dict) -> str:
+    given = v.get("quant_type")
+    if given is None:
+        return "float-quant" if isinstance(v.get("bit"), str) else "int-quant"
+    qt = str(given).lower().replace("_", "-")
+    qt = qt + "-quant" if qt in ("int", "float") else qt
+    if qt not in QUANT_TYPES:
+        raise ValueError(f"quant_type '{given}' is not known; expected one of {', '.join(QUANT_TYPES)}")
+    return qt
+
+
+def _format_defaults(v: dict) -> dict:
+    """quant_type spelled in any case (`float_quant`, `NVFP4`), inferred from bit when absent; a named format's
+    bit, granularity and group size filled in; use_qtorch and LLMC's asymmetric float flag logged."""
+    v = dict(v)
+    given = v.get("quant_type")
+    v["quant_type"] = qt = _quant_type_of(v)
+    bit = v.get("bit")
+    if qt == "int-quant" and isinstance(bit, str):
+        raise ValueError(f"bit {bit} is a float format but quant_type is int-quant; set quant_type: float-quant")
+    if qt == "float-quant" and not isinstance(bit, str):
+        raise ValueError(f"quant_type float-quant needs bit e2m1, e4m3 or e5m2 (got bit {bit})")
+    if qt in GROUP_SIZE:
+        allowed = (4,) if qt == "nf4" else (4, "e2m1")
+        if bit is not None and bit not in allowed:
+            raise ValueError(f"quant_type {qt} is a 4-bit format: bit {bit} contradicts it; remove bit or set bit: "
+                             f"{' or '.join(map(str, allowed))}")
+        v["bit"] = 4 if qt == "nf4" else "e2m1"
+        if v.get("symmetric") is False:
+            raise ValueError(f"quant_type {qt} is symmetric (no zero point); set symmetric: True")
+        if "granularity" not in v and v.get("group_size") in (None, -1):
+            v["granularity"], v["group_size"] = "per_group", GROUP_SIZE[qt]
+    if v.get("use_qtorch") is not None:
+        if qt != "float-quant":
+            raise ValueError(f"use_qtorch applies to quant_type float-quant (LLMC's qtorch simulation); got {qt}")
+        logger.info(f"use_qtorch: {v['use_qtorch']} accepted without effect: LLMC chooses with it between qtorch's "
+                    "float cast and its own formula; llmc rounds natively onto the standard grid (scale = absmax / "
+                    "format max), which qtorch's path gives for every format and LLMC's formula for e2m1")
+    if qt == "float-quant" and given is not None and v.get("symmetric") is False:
+        v["symmetric"] = True
+        logger.info(f"symmetric: False with quant_type float-quant, bit {bit}: float grids have no zero point; "
+                    "quantized symmetrically, as LLMC's FloatQuantizer does")
+    return v
 
 
 class KVCacheCfg(Section):
@@ -230,6 +298,31 @@ class QuantCfg(Section):
     @classmethod
     def _special(cls, v: Any) -> Any:
         return {} if v is None else v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _special_quant_type(cls, v: Any) -> Any:
+        """LLMC's FP_Quant configs repeat the weight's quant_type in `special`; it must name the same format."""
+        if not isinstance(v, dict) or not isinstance(v.get("special"), dict) or "quant_type" not in v["special"]:
+            return v
+        special = dict(v["special"])
+        given = special.pop("quant_type")
+        weight = _quant_type_of(v["weight"]) if isinstance(v.get("weight"), dict) else None
+        if _quant_type_of({"quant_type": given}) != weight:
+            raise ValueError(f"special.quant_type {given} differs from quant.weight's quant_type {weight}; "
+                             "remove special.quant_type or make them equal")
+        return {**v, "special": special}
+
+    @model_validator(mode="after")
+    def _act_formats(self) -> "QuantCfg":
+        act = self.act
+        if act is not None and act.quant_type == "nf4":
+            raise ValueError("act.quant_type nf4: NF4 is a weight-only format (QLoRA); quantize activations with "
+                             "int-quant, float-quant, nvfp4 or mxfp4")
+        if act is not None and act.quant_type in FIXED_GROUP and act.static:
+            raise ValueError(f"act.quant_type {act.quant_type} with static: True: its group scales come from each input; "
+                             "set static: False")
+        return self
 
 
 class SaveCfg(Section):

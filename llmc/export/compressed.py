@@ -10,6 +10,14 @@ Formats (chosen per llmc setting):
   int-quantized    integer weights with integer activations (W8A8): `weight` int8 codes, `weight_scale`,
                    `weight_zero_point` (asym); static activations add `input_scale` (`input_zero_point`)
   float-quantized  fp8 e4m3 weights (with or without fp8 activations): `weight` float8_e4m3fn, `weight_scale`
+  nvfp4-pack-quantized  weight-only NVFP4: `weight_packed` uint8 (two e2m1 codes a byte), `weight_scale` fp8
+                   e4m3 [out, in/16], `weight_global_scale` float32 [1]; compressed-tensors 0.20.1 dequantizes
+                   it to bfloat16 weights (its unpacker's dtype), so a reload equals the fake-quant weights
+                   rounded to bfloat16
+  mxfp4-pack-quantized  weight-only MXFP4: `weight_packed` as above, `weight_scale` uint8 E8M0 exponents
+                   [out, in/32] (bfloat16 reload as above)
+  A float32 or float16 model's FP4 folder carries `dequantize: true`: compressed-tensors' default load hands
+  such a model bfloat16 weights (a dtype mismatch at the first matmul); the dequantizing load casts them.
 The zero-point convention is llmc's own: signed codes and zero points, W = (code - zero) * scale, symmetric
 means zero = 0. Scales are stored in the model's dtype (what loaders allocate), so a float32 model's
 checkpoint dequantizes to exactly its fake-quant weights; this is checked for every layer before writing.
@@ -37,6 +45,8 @@ from llmc.export.packing import (PackedFormat, Spec, common_checks, float_linear
 from llmc.quant.fake_linear import quant_linears
 
 FORMAT = "compressed-tensors"
+FP4_FORMATS = ("nvfp4", "mxfp4")
+FP4_PACKED = tuple(f"{f}-pack-quantized" for f in FP4_FORMATS)
 STRATEGY = {"per_group": "group", "per_channel": "channel", "per_tensor": "tensor", "per_token": "token"}
 
 
@@ -50,6 +60,11 @@ def _ct():
 
 
 def _args(a, dynamic: bool) -> dict:
+    if a.quant_type in FP4_FORMATS:  # compressed-tensors' NVFP4A16 / MXFP4A16 weight presets
+        scale_dtype = torch.float8_e4m3fn if a.quant_type == "nvfp4" else torch.uint8
+        return dict(num_bits=4, type="float", symmetric=True, group_size=a.group_size, dynamic=dynamic,
+                    strategy="tensor_group" if a.quant_type == "nvfp4" else "group",
+                    scale_dtype=scale_dtype, zp_dtype=scale_dtype)
     return dict(num_bits=8 if a.is_float else a.bit, type="float" if a.is_float else "int",
                 symmetric=a.symmetric or a.is_float,  # llmc's float grids are symmetric whatever the flag
                 strategy=STRATEGY[a.granularity], group_size=a.group_size if a.granularity == "per_group" else None,
@@ -57,6 +72,8 @@ def _args(a, dynamic: bool) -> dict:
 
 
 def compression_format(spec: Spec) -> str:
+    if spec.weight.quant_type in FP4_FORMATS:
+        return f"{spec.weight.quant_type}-pack-quantized"
     if spec.weight.is_float:
         return "float-quantized"
     return "int-quantized" if spec.act is not None else "pack-quantized"
@@ -78,7 +95,14 @@ def scheme_of(spec: Spec, key: str):
 
 def check(spec: Spec, key: str = "save.save_vllm") -> None:
     w, a = common_checks(spec, key, FORMAT, weight_only=False), spec.act
-    if w.is_float and w.bit != "e4m3":
+    if w.quant_type in FP4_FORMATS and a is not None:
+        refuse(key, FORMAT, f"quant.act with quant.weight.quant_type={w.quant_type}", "llmc writes "
+               f"{w.quant_type}-pack-quantized weight-only (drop quant.act, or save_fake for the fake-quant model)")
+    if w.quant_type == "nf4" or (w.quant_type == "float-quant" and w.bit == "e2m1"):
+        refuse(key, FORMAT, f"quant.weight.quant_type={w.quant_type} (bit {w.bit})", "compressed-tensors stores "
+               "FP4 as nvfp4 (groups of 16, fp8 scales) or mxfp4 (groups of 32, E8M0 scales) and has no NF4; use "
+               "quant_type nvfp4/mxfp4, or save_fake")
+    if w.quant_type == "float-quant" and w.bit == "e5m2":
         refuse(key, FORMAT, f"quant.weight.bit={w.bit}", "its fp8 type is e4m3")
     if spec.g_idx:
         refuse(key, FORMAT, "GPTQ actorder without static_groups", "compressed-tensors removed g_idx (group act "
@@ -100,6 +124,9 @@ def _qparam(t: torch.Tensor, q) -> torch.Tensor:
 
 def compress_layer(name: str, q, scheme, fmt: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     from compressed_tensors.compressors import BaseCompressor
+
+    if q.wargs.quant_type in FP4_FORMATS:
+        return _compress_fp4(name, q, scheme, fmt)
 
     codes, scale_t, zero_t, g_idx = group_table(q)
     scale = _qparam(q.w_scale.float().cpu(), q).to(dtype)
@@ -127,6 +154,33 @@ def compress_layer(name: str, q, scheme, fmt: str, dtype: torch.dtype) -> dict[s
     return packed
 
 
+def _compress_fp4(name: str, q, scheme, fmt: str) -> dict[str, torch.Tensor]:
+    """NVFP4 / MXFP4: llmc's e2m1 values and scales handed to the compressor, which packs them; the stored
+    scale is the format's own (fp8 value = effective scale x global scale; E8M0 of a power of two)."""
+    from compressed_tensors.compressors import BaseCompressor
+
+    if q.w_scale is None:
+        q.set_weight_qparams()
+    values = q.int_weight().reshape(q.out_features, q.in_features).cpu()
+    scale = _qparam(q.w_scale.float().cpu(), q)
+    state = {"weight": values * scale.repeat_interleave(q.wargs.group_size, dim=1)}
+    if q.wargs.quant_type == "nvfp4":
+        gs = torch.tensor([q.wargs.global_scale], dtype=torch.float32)
+        state["weight_scale"] = (scale * gs).to(torch.float8_e4m3fn).float()
+        state["weight_global_scale"] = gs
+        if not torch.equal(state["weight_scale"] / gs, scale):
+            raise RuntimeError(f"{name}: NVFP4 scales are not fp8 values under the global scale")
+    else:
+        state["weight_scale"] = scale
+    compressor = BaseCompressor.get_value_from_registry(fmt)
+    packed = compressor.compress(state, scheme)
+    back = compressor.decompress(dict(packed), scheme)["weight"]
+    expected = (values * scale.repeat_interleave(q.wargs.group_size, dim=1)).to(back.dtype)
+    if back.shape != expected.shape or not torch.equal(back, expected):
+        raise RuntimeError(f"compressed-tensors {_ct().__version__} did not store {name} on llmc's grid")
+    return packed
+
+
 def save(model, tokenizer, path, recipe: Optional[dict] = None, key: str = "save.save_vllm") -> None:
     _ct()
     from compressed_tensors.compressors import ModelCompressor
@@ -149,7 +203,7 @@ def save(model, tokenizer, path, recipe: Optional[dict] = None, key: str = "save
 
     def finish(folder) -> None:
         ModelCompressor(quantization_config=config).update_config(str(folder))
-        if packed_zero_points(scheme, fmt):
+        if packed_zero_points(scheme, fmt) or (fmt in FP4_PACKED and dtype != torch.bfloat16):
             config_file = folder / "config.json"
             data = json.loads(config_file.read_text())
             data["quantization_config"]["dequantize"] = True

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmc.quant.quantizer import (QuantArgs, calibrate, dequantize, grouped, qparams_from_range, quant_dequant, quantize,
+from llmc.quant.quantizer import (QuantArgs, bind_global, calibrate, dequantize, grouped, qparams_from_range, quant_dequant, quantize,
                                   row_range)
 
 
@@ -95,7 +95,7 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
-        self.wargs = wargs
+        self.wargs = bind_global(wargs, linear.weight)  # NVFP4: the global scale of the weight as installed
         self.act_quant = ActQuantizer(aargs) if aargs is not None else None
         self.register_buffer("w_scale", None, persistent=False)
         self.register_buffer("w_zero", None, persistent=False)
@@ -117,6 +117,7 @@ class QuantLinear(nn.Module):
             return
         self.w_axis = axis
         if scale is None:
+            self.wargs = bind_global(self.wargs, self.weight)
             scale, zero = calibrate(grouped(self._oriented(self.weight.detach()), self.wargs), self.wargs)
         self.w_scale, self.w_zero = scale.detach(), zero.detach()
         self.w_gidx = g_idx

@@ -5,15 +5,17 @@ scale = absmax / ((qmax - qmin) / 2), the convention of GPTQ and compressed-tens
 of the grid is usable; asymmetric widens [min, max] to include 0 and picks an integer zero point.
 Exporters that store unsigned codes add 2^(b-1) to codes and zero points.
 Statistics are reduced over the last dimension of `grouped(x)`; every granularity is a reshape.
+Float and 4-bit formats (`quant_type` float-quant, nvfp4, mxfp4, nf4) keep zero = 0 and take their scale
+and element rounding from llmc/quant/formats.py; their "codes" are the grid values themselves.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Optional
 
 import torch
 
-FLOAT_FORMATS = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+from llmc.quant.formats import FORMAT_MAX, format_scale, nvfp4_global_scale, round_to_grid, value_bits
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,13 @@ class QuantArgs:
     percentile: float = 99.99
     scale_dtype: Optional[str] = None
     round_zp: bool = True  # False: LLMC's float zero points (asymmetric), codes round(x/scale + zero)
+    quant_type: str = "int-quant"  # int-quant, float-quant, nvfp4, mxfp4, nf4 (llmc/quant/formats.py)
+    # NVFP4's per-tensor scale, bound to one weight (`bind_global`); not part of the settings' identity.
+    global_scale: Optional[float] = field(default=None, compare=False)
+
+    def __post_init__(self):
+        if isinstance(self.bit, str) and self.quant_type == "int-quant":  # QuantArgs(bit="e4m3"): FP8
+            object.__setattr__(self, "quant_type", "float-quant")
 
     @classmethod
     def from_cfg(cls, cfg) -> Optional["QuantArgs"]:
@@ -43,23 +52,37 @@ class QuantArgs:
 
     @property
     def is_float(self) -> bool:
-        return isinstance(self.bit, str)
+        """Not an integer grid: the codes are the format's values (fp8, fp4, nf4 levels)."""
+        return self.quant_type != "int-quant"
+
+    @property
+    def fmt(self) -> str:
+        """The element format of a non-integer grid: e2m1, e4m3, e5m2 or nf4."""
+        return value_bits(self.quant_type, self.bit)
 
     @property
     def qmin(self) -> float:
-        return -FLOAT_MAX[self.bit] if self.is_float else -(2 ** (self.bit - 1))
+        return -self.qmax if self.is_float else -(2 ** (self.bit - 1))
 
     @property
     def qmax(self) -> float:
-        return FLOAT_MAX[self.bit] if self.is_float else 2 ** (self.bit - 1) - 1
+        if self.is_float:
+            return 1.0 if self.fmt == "nf4" else FORMAT_MAX[self.fmt]
+        return 2 ** (self.bit - 1) - 1
 
     def describe(self) -> str:
-        kind = f"fp8-{self.bit}" if self.is_float else f"int{self.bit}"
+        named = self.quant_type in ("nvfp4", "mxfp4", "nf4")
+        kind = self.quant_type if named else (f"fp{4 if self.bit == 'e2m1' else 8}-{self.bit}" if self.is_float
+                                              else f"int{self.bit}")
         gran = f"g{self.group_size}" if self.granularity == "per_group" else self.granularity
         return f"{kind} {'sym' if self.symmetric else 'asym'} {gran}{' static' if self.static else ''}"
 
 
-FLOAT_MAX = {name: torch.finfo(dtype).max for name, dtype in FLOAT_FORMATS.items()}
+def bind_global(args: Optional[QuantArgs], x: torch.Tensor) -> Optional[QuantArgs]:
+    """NVFP4: `args` with the global scale of tensor x (the weight it will quantize); others unchanged."""
+    if args is None or args.quant_type != "nvfp4":
+        return args
+    return replace(args, global_scale=float(nvfp4_global_scale(x.detach().abs().amax())))
 
 
 def grouped(x: torch.Tensor, args: QuantArgs) -> torch.Tensor:
@@ -84,7 +107,13 @@ def qparams_from_range(xmin: torch.Tensor, xmax: torch.Tensor, args: QuantArgs) 
     """(scale, zero) for each row from its range; zero is an integer-valued float tensor."""
     xmin, xmax = xmin.float(), xmax.float()
     eps = torch.finfo(torch.float32).eps
-    if args.symmetric or args.is_float:
+    if args.is_float:
+        absmax = torch.maximum(xmin.abs(), xmax.abs())
+        gs = None if args.global_scale is None else torch.tensor(args.global_scale, device=absmax.device)
+        scale = format_scale(absmax, args.quant_type, args.fmt, gs)
+        scale = _stored(scale, args) if args.quant_type == "float-quant" else scale
+        return scale, torch.zeros_like(scale)
+    if args.symmetric:
         absmax = torch.maximum(xmin.abs(), xmax.abs())
         half_range = args.qmax if args.is_float else (args.qmax - args.qmin) / 2
         scale = _stored((absmax / half_range).clamp(min=eps), args)
@@ -112,10 +141,9 @@ def _round(x: torch.Tensor, ste: bool) -> torch.Tensor:
 
 
 def quantize(xg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, args: QuantArgs) -> torch.Tensor:
-    """Integer codes (as floats) of a grouped tensor; float formats return values on the fp8 grid."""
+    """Integer codes (as floats) of a grouped tensor; float formats return values on their grid."""
     if args.is_float:
-        scaled = (xg / scale).clamp(args.qmin, args.qmax)
-        return scaled.to(FLOAT_FORMATS[args.bit]).to(xg.dtype)
+        return round_to_grid(xg / scale, args.fmt)
     if not args.round_zp:  # a float zero point is added before rounding (LLMC, HQQ)
         return torch.clamp(_round(xg / scale + zero, args.ste), args.qmin, args.qmax)
     return torch.clamp(_round(xg / scale, args.ste) + zero, args.qmin, args.qmax)
@@ -210,7 +238,10 @@ def _err(xf, scale, zero, args) -> torch.Tensor:
 
 
 def calibrate(xg: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, zero) per row of a grouped tensor with the configured range calibration."""
+    """(scale, zero) per row of a grouped tensor with the configured range calibration (an unbound NVFP4
+    global scale comes from the whole of xg)."""
+    if args.quant_type == "nvfp4" and args.global_scale is None:
+        args = bind_global(args, xg)
     if args.calib_algo == "mse":
         return mse_qparams(xg, args)
     return qparams_from_range(*row_range(xg), args)

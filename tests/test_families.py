@@ -237,3 +237,35 @@ def test_another_familys_name_is_refused(declared, model_type):
 def test_a_family_without_an_adapter_is_refused():
     with pytest.raises(Exception, match="no adapter for the checkpoint's model_type 'gpt2'"):
         adapter_class("gpt2", None)
+
+
+@pytest.mark.parametrize("method", ["SmoothQuant", "OmniQuant-LET"])
+def test_a_fused_linear_with_biases_takes_scale_and_shift_on_its_rows(method):
+    """Phi-3 with biases added to qkv_proj, o_proj and gate_up_proj: the v→o fold divides (and shifts)
+    only v's rows of qkv_proj's weight and bias, the up→down fold only up's rows of gate_up_proj."""
+    model, adapter = _model("phi3", norms=True)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for block in adapter.block_list():
+            for name in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj"):
+                old = block.get_submodule(name)
+                new = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+                new.weight.copy_(old.weight)
+                new.bias.copy_(torch.randn(old.out_features, generator=g) * 0.5)
+                setattr(block.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2], new)
+    ids = _batches(1)[0]
+    with torch.no_grad():
+        reference = model(ids).logits
+        qkv_before = adapter.block_list()[0].self_attn.qkv_proj.bias.detach().clone()
+    algo = (SmoothQuant(W4, A8, SmoothQuantOptions(smooth_all=True, use_shift=True)) if method == "SmoothQuant" else
+            OmniQuant(W4, A8, OmniQuantOptions(let=True, lwc=False, use_shift=True, smooth_up_down=True, epochs=1,
+                                               let_lr=0.05)))
+    state = quantize_blocks(model, adapter, algo, _batches(1), set(), RunContext(check_folds=False), quant_out=True)
+    with torch.no_grad(), quant_disabled(model):
+        torch.testing.assert_close(model(ids).logits, reference, atol=1e-4, rtol=1e-4)
+    qkv_after = adapter.block_list()[0].self_attn.qkv_proj.bias.detach()
+    v = adapter.subsets[1].prev_rows
+    assert torch.equal(qkv_after[:v[0]], qkv_before[:v[0]])  # q and k rows untouched
+    assert not torch.allclose(qkv_after[v[0]:], qkv_before[v[0]:])
+    if method == "SmoothQuant":
+        assert "model.layers.0.self_attn.o_proj" in state["shifts"]

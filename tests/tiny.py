@@ -7,11 +7,15 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
     LlamaConfig,
     MistralConfig,
     OPTConfig,
+    Phi3Config,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen3Config,
 )
 
 VOCAB = 384
@@ -51,10 +55,21 @@ def tiny_config(family: str):
     if family == "opt":
         return OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=4,
                          max_position_embeddings=512, word_embed_proj_dim=64, enable_bias=True)
+    if family == "qwen3":
+        return Qwen3Config(num_key_value_heads=2, head_dim=16, tie_word_embeddings=False, **common)
+    if family == "gemma2":  # windows shorter than the test sequences, so sliding layers differ from full ones
+        return Gemma2Config(num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
+                            pad_token_id=1, **common)
+    if family == "gemma3_text":
+        return Gemma3TextConfig(num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
+                                layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                final_logit_softcapping=None, pad_token_id=1, **common)
+    if family == "phi3":
+        return Phi3Config(num_key_value_heads=2, pad_token_id=1, bos_token_id=0, eos_token_id=0, **common)
     raise ValueError(family)
 
 
-FAMILIES = ["llama", "qwen2", "mistral", "opt"]
+FAMILIES = ["llama", "qwen2", "mistral", "opt", "qwen3", "gemma2", "gemma3_text", "phi3"]
 
 
 def make_model(family: str = "llama", seed: int = 0) -> torch.nn.Module:

@@ -17,7 +17,9 @@ class Fold:
     by s (adding W z to their biases), leaving the float block unchanged.
 
     When prev_op is a linear with fewer outputs than the subset has inputs (GQA v_proj → o_proj), s lives
-    on prev_op's `reduced` channels and `expand` repeats it for the query heads that read each one."""
+    on prev_op's `reduced` channels and `expand` repeats it for the query heads that read each one. With
+    `rows`, only those output rows of prev_op feed the subset (v's rows of a fused qkv_proj) and only they
+    are divided. A norm computing x̂·(offset + w) takes w' = (offset + w)/s - offset."""
 
     prev: nn.Module
     linears: list[nn.Module]
@@ -25,6 +27,8 @@ class Fold:
     head_dim: Optional[int]
     can_shift: bool
     verify: Optional[Callable[[], None]] = None  # the fold guard: raises when the float block changed
+    rows: Optional[tuple[int, int]] = None       # the row range of prev_op that feeds the subset
+    offset: float = 0.0                          # a norm's unit offset (Gemma's 1 + w)
 
     def check(self) -> None:
         """Stop unless the block still computes its float function (after `apply`, or after LET's
@@ -51,18 +55,23 @@ class Fold:
     def apply(self, s: torch.Tensor, shift: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Fold scale s (and shift z, on the same channels) in place; returns s over the subset's inputs."""
         full = self.expand(s)
-        w, b = self.prev.weight, getattr(self.prev, "bias", None)
+        w, b = self.prev.weight.data, getattr(self.prev, "bias", None)
+        b = None if b is None else b.data
+        if self.rows is not None:
+            w, b = w[self.rows[0]:self.rows[1]], None if b is None else b[self.rows[0]:self.rows[1]]
         if shift is not None:
             full_shift = self.expand(shift)
             for lin in self.linears:  # y = W x + b = W (x - z) + (b + W z)
                 lin.bias.data.add_(lin.weight.data.float() @ full_shift.to(lin.weight.device).float())
-            b.data.sub_(shift.to(b.dtype))
-        if w.dim() == 1:
-            w.data.div_(s.to(w.dtype))
+            b.sub_(shift.to(b.dtype))
+        if w.dim() == 1 and self.offset:
+            w.copy_(((w.float() + self.offset) / s.to(w.device).float() - self.offset).to(w.dtype))
+        elif w.dim() == 1:
+            w.div_(s.to(w.dtype))
         else:
-            w.data.div_(s.view(-1, 1).to(w.dtype))
+            w.div_(s.view(-1, 1).to(w.dtype))
         if b is not None:
-            b.data.div_(s.to(b.dtype))
+            b.div_(s.to(b.dtype))
         for lin in self.linears:
             lin.weight.data.mul_(full.view(1, -1).to(lin.weight.dtype))
         self.check()
@@ -81,7 +90,7 @@ def fold_plan(job, subset, shift: bool = False) -> Optional[Fold]:
     weight = getattr(prev, "weight", None)
     reduced = None
     if isinstance(prev, nn.Module) and hasattr(prev, "out_features"):
-        rows = prev.out_features
+        rows = prev.out_features if subset.prev_rows is None else subset.prev_rows[1] - subset.prev_rows[0]
         if rows != channels:
             hd = job.head_dim
             if not (hd and channels % rows == 0 and rows % hd == 0):
@@ -96,7 +105,8 @@ def fold_plan(job, subset, shift: bool = False) -> Optional[Fold]:
     if shift and not can_shift:
         logger.info(f"{where}: no bias to absorb a channel shift (or a non-linearity in between); scale only")
     subset_name = f"{subset.prev_op} -> {'/'.join(subset.layers)}"
-    return Fold(prev, linears, reduced, job.head_dim, can_shift, lambda: job.check_float(subset_name))
+    return Fold(prev, linears, reduced, job.head_dim, can_shift, lambda: job.check_float(subset_name),
+                subset.prev_rows, subset.prev_offset)
 
 
 

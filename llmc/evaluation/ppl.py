@@ -27,11 +27,10 @@ def eval_windows(tokenizer, text: str, seq_len: int, num_samples: Optional[int])
 
 def _mean_nll(model, adapter, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Mean NLL per window from the final hidden states, computing logits a chunk at a time."""
-    lm_head = get_module(model, adapter.lm_head)
     hidden, labels = hidden[:, :-1], ids[:, 1:].to(hidden.device)
     total = torch.zeros(hidden.shape[0], device=hidden.device)
     for start in range(0, hidden.shape[1], _LOGIT_CHUNK):
-        logits = lm_head(hidden[:, start:start + _LOGIT_CHUNK]).float()
+        logits = adapter.logits(hidden[:, start:start + _LOGIT_CHUNK]).float()
         total += F.cross_entropy(logits.transpose(1, 2), labels[:, start:start + _LOGIT_CHUNK], reduction="none").sum(1)
     return total / labels.shape[1]
 

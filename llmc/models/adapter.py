@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Optional
 
+import torch
 from torch import nn
 
 from llmc.errors import ConfigError
@@ -19,6 +20,8 @@ class Subset:
     inspect: str                   # module whose output measures a transform's error
     has_kwargs: bool = False       # inspect needs the block's kwargs (attention mask, rotary embeddings)
     shiftable: bool = False        # input = prev_op's output up to a per-channel affine map (a shift folds)
+    prev_rows: Optional[tuple[int, int]] = None  # only these output rows of prev_op feed the subset (a fused linear)
+    prev_offset: float = 0.0       # prev_op is a norm computing x̂·(prev_offset + w) (Gemma: 1)
 
 
 def get_module(root: nn.Module, dotted: str) -> nn.Module:
@@ -60,6 +63,13 @@ class Adapter:
         heads = getattr(cfg, "num_attention_heads", None)
         return getattr(cfg, "head_dim", None) or (cfg.hidden_size // heads if heads else None)
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The model's logits from the final hidden states: lm_head, then the final soft-capping some
+        families apply (Gemma 2: c·tanh(logits / c))."""
+        logits = get_module(self.model, self.lm_head)(hidden)
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        return torch.tanh(logits / cap) * cap if cap else logits
+
     def linear_names(self) -> list[str]:
         return [name for subset in self.subsets for name in subset.layers]
 
@@ -76,7 +86,7 @@ class Adapter:
 
 
 # LLMC's `model.type` names whose spelling is not the HF model_type with case and underscores dropped.
-LLMC_TYPES = {"smollm": "llama"}
+LLMC_TYPES = {"smollm": "llama", "gemma3": "gemma3text"}
 
 
 def _normal(name: str) -> str:
@@ -91,8 +101,8 @@ def adapter_class(model_type: Optional[str], declared: Optional[str]) -> type[Ad
 
     supported = ", ".join(ADAPTERS.names())
     if declared is not None:
-        wanted = LLMC_TYPES.get(_normal(declared), _normal(declared))
-        if model_type is None or wanted != _normal(model_type):
+        wanted = {_normal(declared), LLMC_TYPES.get(_normal(declared))}
+        if model_type is None or _normal(model_type) not in wanted:
             raise ConfigError("model.type", f"'{declared}' does not match the checkpoint's model_type "
                               f"'{model_type}' (config.json). Remove model.type to use the checkpoint's, or point "
                               f"model.path at a {declared} checkpoint. Supported model types: {supported}")

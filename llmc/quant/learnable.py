@@ -1,7 +1,8 @@
 """Learnable pieces of OmniQuant: weight clipping factors (LWC) and equivalent transformations (LET).
 
-LET is expressed with torch parametrizations: a norm's weight becomes w / s, a linear's weight W·s
-(columns) or W / s (rows), a bias b + W·z or (b - z) / s. Training sees the transformed tensors on every
+LET is expressed with torch parametrizations: a norm's weight becomes w / s ((1 + w) / s - 1 for a norm
+with a unit offset), a linear's weight W·s (columns) or W / s (rows, or a fused linear's slice of rows),
+a bias b + W·z or (b - z) / s. Training sees the transformed tensors on every
 forward; `remove_parametrizations(..., leave_parametrized=True)` then folds them into the weights.
 """
 from __future__ import annotations
@@ -117,15 +118,24 @@ def mse_range(wg: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Te
 
 # ---- LET parametrizations --------------------------------------------------------------------------
 class _Divide(nn.Module):
-    """t / s along dim 0 (a vector, or a weight's rows)."""
+    """t / s along dim 0 (a vector, or a weight's rows), on rows[0]:rows[1] only when given (a fused
+    linear's slice); a norm's weight w with a unit offset becomes (offset + w) / s - offset."""
 
-    def __init__(self, s: nn.Parameter):
+    def __init__(self, s: nn.Parameter, rows: Optional[tuple[int, int]] = None, offset: float = 0.0):
         super().__init__()
-        self.s = s
+        self.s, self.rows, self.offset = s, rows, offset
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         s = positive(self.s).to(t.dtype)
-        return t / (s if t.dim() == 1 else s.view(-1, 1))
+        if self.rows is not None:
+            a, b = self.rows
+            return torch.cat([t[:a], self._divide(t[a:b], s), t[b:]])
+        return self._divide(t, s)
+
+    def _divide(self, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        if t.dim() > 1:
+            return t / s.view(-1, 1)
+        return (t + self.offset) / s - self.offset if self.offset else t / s
 
 
 class _ScaleColumns(nn.Module):
@@ -138,14 +148,17 @@ class _ScaleColumns(nn.Module):
 
 
 class _ShiftBias(nn.Module):
-    """b - z (on prev_op's bias, before its division by s)."""
+    """b - z (on prev_op's bias, before its division by s; on rows[0]:rows[1] only when given)."""
 
-    def __init__(self, z: nn.Parameter):
+    def __init__(self, z: nn.Parameter, rows: Optional[tuple[int, int]] = None):
         super().__init__()
-        self.z = z
+        self.z, self.rows = z, rows
 
     def forward(self, b: torch.Tensor) -> torch.Tensor:
-        return b - self.z.to(b.dtype)
+        if self.rows is None:
+            return b - self.z.to(b.dtype)
+        a, e = self.rows
+        return torch.cat([b[:a], b[a:e] - self.z.to(b.dtype), b[e:]])
 
 
 class _AbsorbShift(nn.Module):
@@ -171,10 +184,10 @@ def add_let(fold, s: nn.Parameter, z: Optional[nn.Parameter]) -> None:
     if z is not None:
         for lin in fold.linears:  # before the weight's own scaling: the bias needs W·z with the original W
             parametrize.register_parametrization(lin, "bias", _AbsorbShift(z, lin.weight, fold.expand))
-        parametrize.register_parametrization(prev, "bias", _ShiftBias(z))
-    parametrize.register_parametrization(prev, "weight", _Divide(s))
+        parametrize.register_parametrization(prev, "bias", _ShiftBias(z, fold.rows))
+    parametrize.register_parametrization(prev, "weight", _Divide(s, fold.rows, fold.offset))
     if getattr(prev, "bias", None) is not None:
-        parametrize.register_parametrization(prev, "bias", _Divide(s))
+        parametrize.register_parametrization(prev, "bias", _Divide(s, fold.rows))
     for lin in fold.linears:
         parametrize.register_parametrization(lin, "weight", _ScaleColumns(s, fold.expand))
 

@@ -92,7 +92,7 @@ def ignored_names(config: Config, adapter) -> set[str]:
     names = set(ig.special_names)
     if blocks or layers:
         for i in range(len(adapter.block_list())):
-            for name in adapter.linear_names():
+            for name in adapter.block_linear_names(i):
                 if (not blocks or i in blocks) and (not layers or name in layers):
                     names.add(f"{adapter.block_name(i)}.{name}")
     return names
@@ -299,7 +299,7 @@ def run_stage(stage: Config, model, adapter, tokenizer, ctx, batches: list, hand
     local, token_index = distributed.shard_batches(batches, ctx.shard) if ctx.world_size > 1 else (batches, None)
     with ctx.timed("quantize"):
         state = quantize_blocks(model, adapter, algorithm, local or None, ignored, ctx, stage.quant.quant_out,
-                                ckpt, index, token_index)
+                                ckpt, index, token_index, stage.calib.calibrate_all_experts if stage.calib else True)
     for kind, path in options.outputs().items() if ctx.is_main else ():
         header = {"method": algo_cls.name, "weight": stage.quant.weight.model_dump() if stage.quant.weight else None,
                   "fingerprint": architecture_fingerprint(model), "folded": True}

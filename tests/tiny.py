@@ -7,11 +7,15 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
+    DeepseekV3Config,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
     OPTConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen2MoeConfig,
+    Qwen3MoeConfig,
 )
 
 VOCAB = 384
@@ -51,10 +55,23 @@ def tiny_config(family: str):
     if family == "opt":
         return OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=4,
                          max_position_embeddings=512, word_embed_proj_dim=64, enable_bias=True)
+    moe = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=512, num_experts_per_tok=2, tie_word_embeddings=False)
+    if family == "qwen3_moe":  # block 1 dense (mlp_only_layers)
+        return Qwen3MoeConfig(num_experts=4, moe_intermediate_size=32, mlp_only_layers=[1], norm_topk_prob=True, **moe)
+    if family == "qwen2_moe":
+        return Qwen2MoeConfig(num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=64, **moe)
+    if family == "mixtral":
+        return MixtralConfig(num_local_experts=4, **{**moe, "intermediate_size": 32})
+    if family == "deepseek_v3":  # block 0 dense, MLA with small ranks, one shared expert
+        return DeepseekV3Config(n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=32,
+                                first_k_dense_replace=1, n_group=1, topk_group=1, q_lora_rank=32, kv_lora_rank=32,
+                                qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, **moe)
     raise ValueError(family)
 
 
 FAMILIES = ["llama", "qwen2", "mistral", "opt"]
+MOE_FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3"]
 
 
 def make_model(family: str = "llama", seed: int = 0) -> torch.nn.Module:
@@ -63,8 +80,11 @@ def make_model(family: str = "llama", seed: int = 0) -> torch.nn.Module:
     # Random init gives near-zero std; widen it so quantization error is visible.
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.dim() == 2:
+            if p.dim() in (2, 3):  # 3: fused MoE experts
                 p.normal_(0, 0.08)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek's routing bias: non-zero, so it matters
+                b.normal_(0, 0.1)
     return model.eval()
 
 

@@ -25,6 +25,7 @@ class Fold:
     head_dim: Optional[int]
     can_shift: bool
     verify: Optional[Callable[[], None]] = None  # the fold guard: raises when the float block changed
+    readers: tuple[nn.Module, ...] = ()  # float modules reading prev_op's output too (MoE router): columns x s
 
     def check(self) -> None:
         """Stop unless the block still computes its float function (after `apply`, or after LET's
@@ -54,7 +55,7 @@ class Fold:
         w, b = self.prev.weight, getattr(self.prev, "bias", None)
         if shift is not None:
             full_shift = self.expand(shift)
-            for lin in self.linears:  # y = W x + b = W (x - z) + (b + W z)
+            for lin in (*self.linears, *self.readers):  # y = W x + b = W (x - z) + (b + W z)
                 lin.bias.data.add_(lin.weight.data.float() @ full_shift.to(lin.weight.device).float())
             b.data.sub_(shift.to(b.dtype))
         if w.dim() == 1:
@@ -63,8 +64,8 @@ class Fold:
             w.data.div_(s.view(-1, 1).to(w.dtype))
         if b is not None:
             b.data.div_(s.to(b.dtype))
-        for lin in self.linears:
-            lin.weight.data.mul_(full.view(1, -1).to(lin.weight.dtype))
+        for lin in (*self.linears, *self.readers):
+            lin.weight.data.mul_(full.view(1, -1).to(lin.weight.device, lin.weight.dtype))
         self.check()
         return full
 
@@ -91,12 +92,13 @@ def fold_plan(job, subset, shift: bool = False) -> Optional[Fold]:
     elif not (isinstance(weight, torch.Tensor) and weight.dim() == 1 and weight.numel() == channels):
         logger.info(f"{where} cannot absorb a scale; skipped")
         return None
+    readers = tuple(job.module(n) for n in subset.readers)
     can_shift = (subset.shiftable and getattr(prev, "bias", None) is not None
-                 and all(lin.bias is not None for lin in linears))
+                 and all(getattr(lin, "bias", None) is not None for lin in (*linears, *readers)))
     if shift and not can_shift:
         logger.info(f"{where}: no bias to absorb a channel shift (or a non-linearity in between); scale only")
     subset_name = f"{subset.prev_op} -> {'/'.join(subset.layers)}"
-    return Fold(prev, linears, reduced, job.head_dim, can_shift, lambda: job.check_float(subset_name))
+    return Fold(prev, linears, reduced, job.head_dim, can_shift, lambda: job.check_float(subset_name), readers)
 
 
 

@@ -50,6 +50,10 @@ class CalibCfg(Section):
     seed: Optional[int] = None  # None: base.seed
     # Keep captured block activations on the compute device (fast) or on the CPU (saves device memory).
     activations_on: Literal["device", "cpu"] = "device"
+    # Mixture-of-experts models (llm-compressor's name): while statistics are collected every expert also
+    # sees the tokens the router did not send it (the block's output still follows the router); False:
+    # each expert sees only its routed tokens, and an expert that gets none stops the run.
+    calibrate_all_experts: bool = True
 
     @field_validator("bs")
     @classmethod

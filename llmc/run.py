@@ -258,7 +258,7 @@ def load(config: Config, ctx, adapter_cls, out: Path, tokenizer=None):
     model, tokenizer = load_model_streamed(config.model, adapter_cls.blocks, ctx.device, tokenizer)
     adapter = adapter_cls(model)
     tag_blocks(adapter.block_list(), [adapter.block_name(i) for i in range(len(adapter.block_list()))])
-    ctx.store = BlockStore(source.folder, out / OFFLOAD_FOLDER / f"rank{ctx.shard.rank}")
+    ctx.store = BlockStore(source.folder, out / OFFLOAD_FOLDER / f"rank{ctx.shard.rank}", adapter_cls.checkpoint_renames)
     return model, tokenizer
 
 

@@ -55,6 +55,9 @@ class Adapter:
     # of each expert's (gate, up, down) linears after `prepare` unfuses it (llmc/models/moe.py).
     experts: ClassVar[Optional[str]] = None
     expert_linears: ClassVar[tuple[str, str, str]] = ("gate_proj", "up_proj", "down_proj")
+    # (module name part, checkpoint name part) where the checkpoint on disk names a block's tensors otherwise
+    # (read by model.offload, which loads blocks from the shards by name)
+    checkpoint_renames: ClassVar[tuple[tuple[str, str], ...]] = ()
 
     def __init__(self, model: nn.Module):
         self.model = model

@@ -7,3 +7,4 @@ from llmc.registry import ADAPTERS
 @ADAPTERS.register("mixtral")
 class Mixtral(Qwen3Moe):
     expert_linears = ("w1", "w3", "w2")
+    checkpoint_renames = ((".mlp.", ".block_sparse_moe."),)  # transformers saves Mixtral's MoE under that name

@@ -250,9 +250,9 @@ def test_dry_run_lists_every_expert(make_config, tiny_dir, capsys, family):
     assert "float readers mlp.gate" in out
 
 
-@pytest.mark.parametrize("family", MOE_FAMILIES)
-@pytest.mark.parametrize("method", ["GPTQ", "Awq"])
+@pytest.mark.parametrize("family,method", zip(MOE_FAMILIES, ["Awq", "GPTQ", "Awq", "GPTQ", "Awq"]))
 def test_cli_runs_moe_families(make_config, wiki_files, family, method):
+    """The whole run (AWQ under the fold guard: every fold keeps the float block, router included)."""
     calib = {"name": "wikitext2", "path": wiki_files["valid"], "n_samples": 4, "seq_len": 32, "bs": 2}
     path = make_config({"calib": calib, "quant": {"method": method, "weight": W4}}, family=family)
     assert main(["--config", path]) == 0

@@ -7,6 +7,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
+    DeepseekV2Config,
     DeepseekV3Config,
     LlamaConfig,
     MistralConfig,
@@ -67,11 +68,15 @@ def tiny_config(family: str):
         return DeepseekV3Config(n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=32,
                                 first_k_dense_replace=1, n_group=1, topk_group=1, q_lora_rank=32, kv_lora_rank=32,
                                 qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, **moe)
+    if family == "deepseek_v2":  # V2-Lite's layout: no query LoRA (q_proj), greedy routing
+        return DeepseekV2Config(n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=32,
+                                first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=32, qk_rope_head_dim=8,
+                                qk_nope_head_dim=8, v_head_dim=16, **{**moe, "num_key_value_heads": 4})
     raise ValueError(family)
 
 
 FAMILIES = ["llama", "qwen2", "mistral", "opt"]
-MOE_FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3"]
+MOE_FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3", "deepseek_v2"]
 
 
 def make_model(family: str = "llama", seed: int = 0) -> torch.nn.Module:

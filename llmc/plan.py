@@ -36,10 +36,16 @@ def plan(config: Config, ignored_names) -> str:
                      f"activations {_describe(stage.quant.act)}"
                      + (f", kv cache int{stage.quant.kvcache.bit} {stage.quant.kvcache.granularity}"
                         if stage.quant.kvcache else "") + f", quant_out {cls.quant_out(stage.quant)}")
-    block_params = sum(p.numel() for p in blocks[0].parameters())
-    lines.append(f"each block: {block_params / 1e6:.1f} M parameters; subsets:")
-    for s in adapter.subsets:
-        lines.append(f"  {', '.join(s.layers)}  <- prev_op {s.prev_op}, loss on {s.inspect or 'the block'}")
+    block_params = max(sum(p.numel() for p in b.parameters()) for b in blocks)
+    layouts: dict[tuple, list[int]] = {}  # blocks with the same subsets (MoE models mix dense and expert blocks)
+    for i in range(len(blocks)):
+        layouts.setdefault(tuple(adapter.block_subsets(i)), []).append(i)
+    for subsets, ids in layouts.items():
+        which = "each block" if len(layouts) == 1 else f"blocks {', '.join(map(str, ids))}"
+        lines.append(f"{which}: {sum(p.numel() for p in blocks[ids[0]].parameters()) / 1e6:.1f} M parameters; subsets:")
+        for s in subsets:
+            lines.append(f"  {', '.join(s.layers)}  <- prev_op {s.prev_op}, loss on {s.inspect or 'the block'}"
+                         + (f"; float readers {', '.join(s.readers)}" if s.readers else ""))
     lines.append(f"ignored (float) linears: {len(ignored)}" + (f": {', '.join(sorted(ignored)[:8])}"
                                                              + (" ..." if len(ignored) > 8 else "") if ignored else ""))
     total = sum(p.numel() for p in adapter.model.parameters())
@@ -58,7 +64,7 @@ def plan(config: Config, ignored_names) -> str:
     runtime = 1.0 * GIB  # python, torch and transformers themselves (measured ~1 GiB on CPU)
     resident = total
     if config.model.offload != "none":  # blocks stream from disk: only one is resident (and the rest)
-        resident = total - (len(blocks) - 1) * block_params
+        resident = total - sum(p.numel() for p in blocks.parameters()) + block_params
         lines.append(f"model.offload {config.model.offload}: decoder blocks stream from disk, one resident at a time"
                      + (" (auto: decided at load time from the RAM available)" if config.model.offload == "auto" else ""))
     estimate = resident * bytes_per + captured + runtime

@@ -93,7 +93,7 @@ def ignored_names(config: Config, adapter) -> set[str]:
     names = set(ig.special_names)
     if blocks or layers:
         for i in range(len(adapter.block_list())):
-            for name in adapter.linear_names():
+            for name in adapter.block_linear_names(i):
                 if (not blocks or i in blocks) and (not layers or name in layers):
                     names.add(f"{adapter.block_name(i)}.{name}")
     return names
@@ -266,7 +266,7 @@ def load(config: Config, ctx, adapter_cls, out: Path, tokenizer=None):
     model, tokenizer = load_model_streamed(config.model, adapter_cls.blocks, ctx.device, tokenizer)
     adapter = adapter_cls(model)
     tag_blocks(adapter.block_list(), [adapter.block_name(i) for i in range(len(adapter.block_list()))])
-    ctx.store = BlockStore(source.folder, out / OFFLOAD_FOLDER / f"rank{ctx.shard.rank}")
+    ctx.store = BlockStore(source.folder, out / OFFLOAD_FOLDER / f"rank{ctx.shard.rank}", adapter_cls.checkpoint_renames)
     return model, tokenizer
 
 
@@ -307,7 +307,7 @@ def run_stage(stage: Config, model, adapter, tokenizer, ctx, batches: list, hand
     local, token_index = distributed.shard_batches(batches, ctx.shard) if ctx.world_size > 1 else (batches, None)
     with ctx.timed("quantize"):
         state = quantize_blocks(model, adapter, algorithm, local or None, ignored, ctx, algo_cls.quant_out(stage.quant),
-                                ckpt, index, token_index)
+                                ckpt, index, token_index, stage.calib.calibrate_all_experts if stage.calib else True)
     for kind, path in options.outputs().items() if ctx.is_main else ():
         header = {"method": algo_cls.name, "weight": stage.quant.weight.model_dump() if stage.quant.weight else None,
                   "fingerprint": architecture_fingerprint(model), "folded": True}

@@ -29,6 +29,7 @@ class Fold:
     verify: Optional[Callable[[], None]] = None  # the fold guard: raises when the float block changed
     rows: Optional[tuple[int, int]] = None       # the row range of prev_op that feeds the subset
     offset: float = 0.0                          # a norm's unit offset (Gemma's 1 + w)
+    readers: tuple[nn.Module, ...] = ()  # float modules reading prev_op's output too (MoE router): columns x s
 
     def check(self) -> None:
         """Stop unless the block still computes its float function (after `apply`, or after LET's
@@ -61,7 +62,7 @@ class Fold:
             w, b = w[self.rows[0]:self.rows[1]], None if b is None else b[self.rows[0]:self.rows[1]]
         if shift is not None:
             full_shift = self.expand(shift)
-            for lin in self.linears:  # y = W x + b = W (x - z) + (b + W z)
+            for lin in (*self.linears, *self.readers):  # y = W x + b = W (x - z) + (b + W z)
                 lin.bias.data.add_(lin.weight.data.float() @ full_shift.to(lin.weight.device).float())
             b.sub_(shift.to(b.dtype))
         if w.dim() == 1 and self.offset:
@@ -72,8 +73,8 @@ class Fold:
             w.div_(s.view(-1, 1).to(w.dtype))
         if b is not None:
             b.div_(s.to(b.dtype))
-        for lin in self.linears:
-            lin.weight.data.mul_(full.view(1, -1).to(lin.weight.dtype))
+        for lin in (*self.linears, *self.readers):
+            lin.weight.data.mul_(full.view(1, -1).to(lin.weight.device, lin.weight.dtype))
         self.check()
         return full
 
@@ -100,13 +101,14 @@ def fold_plan(job, subset, shift: bool = False) -> Optional[Fold]:
     elif not (isinstance(weight, torch.Tensor) and weight.dim() == 1 and weight.numel() == channels):
         logger.info(f"{where} cannot absorb a scale; skipped")
         return None
+    readers = tuple(job.module(n) for n in subset.readers)
     can_shift = (subset.shiftable and getattr(prev, "bias", None) is not None
-                 and all(lin.bias is not None for lin in linears))
+                 and all(getattr(lin, "bias", None) is not None for lin in (*linears, *readers)))
     if shift and not can_shift:
         logger.info(f"{where}: no bias to absorb a channel shift (or a non-linearity in between); scale only")
     subset_name = f"{subset.prev_op} -> {'/'.join(subset.layers)}"
     return Fold(prev, linears, reduced, job.head_dim, can_shift, lambda: job.check_float(subset_name),
-                subset.prev_rows, subset.prev_offset)
+                rows=subset.prev_rows, offset=subset.prev_offset, readers=readers)
 
 
 

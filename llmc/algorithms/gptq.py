@@ -281,22 +281,24 @@ class GPTQ(Algorithm):
             stage = [s for s in stage if job.quantized_layers(s)]
             if not stage:
                 continue
-            H = self.hessians(job, [s.input for s in stage])
+            # each linear's own input (an expert's: the tokens it calibrates on)
+            uses = Counter(s.input_of(n) for s in stage for n in job.quantized_layers(s))
+            H = self.hessians(job, list(uses))
             # each Hessian is handed over (and freed) with the last linear that reads it
-            uses = Counter(s.input for s in stage for _ in job.quantized_layers(s))
             for subset in stage:
                 for name in job.quantized_layers(subset):
                     q = self.install(job, name)
                     owner = job.ctx.owner(len(installed))  # data-parallel: one rank solves, all receive
-                    uses[subset.input] -= 1
-                    last = uses[subset.input] == 0
+                    source = subset.input_of(name)
+                    uses[source] -= 1
+                    last = uses[source] == 0
                     found = None
                     if job.ctx.shard.rank == owner:
-                        keep = self.weak_columns(job, name, q.weight.data, H[subset.input])
-                        found = (*gptq_quantize(q.weight.data, H.pop(subset.input) if last else H[subset.input].clone(),
+                        keep = self.weak_columns(job, name, q.weight.data, H[source])
+                        found = (*gptq_quantize(q.weight.data, H.pop(source) if last else H[source].clone(),
                                                 q.wargs, opts, job.full_name(name), keep), keep)
                     elif last:
-                        del H[subset.input]
+                        del H[source]
                     Q, scale, zero, g_idx, keep = job.ctx.share(found, owner)
                     q.weight.data.copy_(Q.to(q.weight.dtype))
                     q.set_weight_qparams(scale, zero, g_idx, float_cols=keep)

@@ -208,7 +208,7 @@ def check_against_model(config: Config, adapter) -> None:
                        "heads; choose a head count that divides it"))
     for key, size, what in checks:
         for i, block in enumerate(adapter.block_list()):
-            for name in adapter.linear_names():
+            for name in adapter.block_linear_names(i):
                 width = block.get_submodule(name).in_features
                 if width % size:
                     hint = f" (e.g. {_divisor_hint(width)})" if key.endswith("group_size") else ""

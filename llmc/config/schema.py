@@ -70,6 +70,10 @@ class CalibCfg(Section):
     apply_chat_template: bool = False
     # LLMC's padded calibration batches (with attention masks): refused in checks until the engine masks pads.
     padding: bool = False
+    # Mixture-of-experts models (llm-compressor's name): while statistics are collected every expert also
+    # sees the tokens the router did not send it (the block's output still follows the router); False:
+    # each expert sees only its routed tokens, and an expert that gets none stops the run.
+    calibrate_all_experts: bool = True
 
     @field_validator("bs")
     @classmethod

@@ -110,8 +110,9 @@ def trim_heap() -> None:
 class BlockStore:
     """Where each decoder block's tensors live while it is not on the compute device."""
 
-    def __init__(self, source: str | Path, folder: Path):
+    def __init__(self, source: str | Path, folder: Path, renames: tuple[tuple[str, str], ...] = ()):
         self.source = weight_map(source)
+        self.renames = renames  # (module name part, checkpoint name part): Mixtral's mlp is block_sparse_moe on disk
         self.folder = folder
         shutil.rmtree(folder, ignore_errors=True)  # an interrupted run's leftovers
         self.finished: dict[str, Path] = {}
@@ -135,17 +136,26 @@ class BlockStore:
             for key, value in saved.items():
                 set_module_tensor_to_device(module, key, device, value=value)
             return module
-        wanted = {k: t for k, t in tensors_of(module).items() if t.is_meta}
+        # meta tensors, and real buffers the checkpoint stores too (built real by the empty-weights load:
+        # DeepSeek's routing bias e_score_correction_bias would otherwise keep its initial zeros)
+        wanted = tensors_of(module)
         by_file: dict[Path, list[str]] = {}
-        for key in wanted:
+        stored = {}
+        for key, t in list(wanted.items()):
             full = f"{name}.{key}"
+            for ours, theirs in self.renames:
+                full = full if full in self.source else full.replace(ours, theirs)
+            if full not in self.source and not t.is_meta:
+                del wanted[key]
+                continue
             if full not in self.source:
-                raise RuntimeError(f"offload: '{full}' is not in the checkpoint's safetensors files")
+                raise RuntimeError(f"offload: '{name}.{key}' is not in the checkpoint's safetensors files")
+            stored[key] = full
             by_file.setdefault(self.source[full], []).append(key)
         for file, keys in by_file.items():
             with safe_open(str(file), "pt") as f:
                 for key in keys:
-                    value = f.get_tensor(f"{name}.{key}").to(wanted[key].dtype)
+                    value = f.get_tensor(stored[key]).to(wanted[key].dtype)
                     set_module_tensor_to_device(module, key, device, value=value)
         return module
 

@@ -14,11 +14,12 @@ from llmc.engine.capture import BlockInputs, capture_block_inputs
 from llmc.engine.checkpoint import Checkpoint
 from llmc.engine.guard import FloatCheck, check_activations_finite, check_module_finite
 from llmc.models.adapter import get_module
+from llmc.models.moe import calibrating, experts_modules, report_routing
 
 
 def quantize_blocks(model, adapter, algorithm, batches: Optional[list[torch.Tensor]], ignored: set[str], ctx,
                     quant_out: bool, checkpoint: Checkpoint = Checkpoint(None), stage: int = 0,
-                    token_index: Optional[list[torch.Tensor]] = None) -> dict:
+                    token_index: Optional[list[torch.Tensor]] = None, all_experts: bool = True) -> dict:
     """Run `algorithm` over every decoder block in order, one block on the device at a time.
 
     With quant_out each block is fed the quantized outputs of the one before; an algorithm that trains
@@ -26,7 +27,17 @@ def quantize_blocks(model, adapter, algorithm, batches: Optional[list[torch.Tens
     which is carried alongside (OmniQuant's fp_inps). Each finished block goes to the checkpoint; on
     resume the blocks it holds are replayed (restored, and run forward to rebuild the next inputs, which
     costs a forward instead of writing every block's activations to disk). The quantize seconds spent
-    before an interruption travel with the commits and land in ctx.timings["quantize, before resuming"]."""
+    before an interruption travel with the commits and land in ctx.timings["quantize, before resuming"].
+
+    MoE experts (llmc/models/moe.py) see every calibration token while statistics are collected when
+    `all_experts` (calib.calibrate_all_experts), else only the tokens routed to them."""
+    with calibrating(model, all_experts):
+        return _quantize_blocks(model, adapter, algorithm, batches, ignored, ctx, quant_out, checkpoint, stage,
+                                token_index, all_experts)
+
+
+def _quantize_blocks(model, adapter, algorithm, batches, ignored, ctx, quant_out, checkpoint, stage, token_index,
+                     all_experts) -> dict:
     started, earlier = time.perf_counter(), 0.0
     inputs = capture_block_inputs(model, adapter, batches, ctx) if batches else None
     if inputs is not None:
@@ -40,7 +51,7 @@ def quantize_blocks(model, adapter, algorithm, batches: Optional[list[torch.Tens
     for i in tqdm(range(len(blocks)), desc=f"{algorithm.name} blocks", unit="block", disable=not ctx.is_main):
         block = ctx.onload(blocks[i])
         name = adapter.block_name(i)
-        job = BlockJob(i, name, block, adapter.subsets, inputs, ignored, ctx, adapter.head_dim(),
+        job = BlockJob(i, name, block, adapter.block_subsets(i), inputs, ignored, ctx, adapter.head_dim(),
                        adapter.score_layers, n_blocks=len(blocks))
         if i >= resumed:
             if ctx.store is not None:  # streamed from disk: not checked at load
@@ -51,6 +62,10 @@ def quantize_blocks(model, adapter, algorithm, batches: Optional[list[torch.Tens
         targets = job.forward(reference) if inputs is not None and (algorithm.needs_targets or not quant_out) else None
         if targets is not None and i >= resumed:
             check_activations_finite(targets, f"the float outputs of {name}")
+        if inputs is not None and i >= resumed and experts_modules(block):
+            if targets is None:  # the routing is counted on a float forward
+                job.forward()
+            report_routing(block, name, all_experts)
         if inputs is not None and algorithm.folds and ctx.check_folds and i >= resumed:
             args, kwargs = inputs.call(i, 0)
             job.float_check = FloatCheck(block, inputs.hidden[0], args, kwargs, ctx.device, name)
@@ -86,7 +101,7 @@ def forward_per_block(model, adapter, batches: list[torch.Tensor], ctx) -> list[
     blocks = adapter.block_list()
     for i in range(len(blocks)):
         block = ctx.onload(blocks[i])
-        inputs.hidden = BlockJob(i, adapter.block_name(i), block, adapter.subsets, inputs, set(), ctx).forward()
+        inputs.hidden = BlockJob(i, adapter.block_name(i), block, adapter.block_subsets(i), inputs, set(), ctx).forward()
         blocks[i] = ctx.offload(block)
     finals = [ctx.onload(get_module(model, name)) for name in adapter.present(adapter.final)]
     outs = []

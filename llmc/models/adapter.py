@@ -22,6 +22,15 @@ class Subset:
     shiftable: bool = False        # input = prev_op's output up to a per-channel affine map (a shift folds)
     prev_rows: Optional[tuple[int, int]] = None  # only these output rows of prev_op feed the subset (a fused linear)
     prev_offset: float = 0.0       # prev_op is a norm computing x̂·(prev_offset + w) (Gemma: 1)
+    # Float modules that also read prev_op's output (a MoE router, a shared-expert gate): a fold multiplies
+    # their weight columns by the same scale, so they compute exactly what they did.
+    readers: tuple[str, ...] = ()
+    # Per layer, the module whose input is that layer's own input when it differs from `input` (an expert
+    # reads only the tokens routed to it); empty: every layer reads `input`.
+    layer_inputs: tuple[str, ...] = ()
+
+    def input_of(self, layer: str) -> str:
+        return self.layer_inputs[self.layers.index(layer)] if self.layer_inputs else self.input
 
 
 def get_module(root: nn.Module, dotted: str) -> nn.Module:
@@ -45,9 +54,32 @@ class Adapter:
     # Linears whose outputs are multiplied into attention scores: weight clipping skips them (as AutoAWQ).
     score_layers: ClassVar[tuple[str, ...]] = ("self_attn.q_proj", "self_attn.k_proj")
     attention: ClassVar[str] = "self_attn"  # the module in each block that computes attention
+    # MoE: the fused experts module in a block (transformers 5's 3-D gate_up_proj/down_proj) and the names
+    # of each expert's (gate, up, down) linears after `prepare` unfuses it (llmc/models/moe.py).
+    experts: ClassVar[Optional[str]] = None
+    expert_linears: ClassVar[tuple[str, str, str]] = ("gate_proj", "up_proj", "down_proj")
+    # (module name part, checkpoint name part) where the checkpoint on disk names a block's tensors otherwise
+    # (read by model.offload, which loads blocks from the shards by name)
+    checkpoint_renames: ClassVar[tuple[tuple[str, str], ...]] = ()
 
     def __init__(self, model: nn.Module):
         self.model = model
+
+    @classmethod
+    def prepare(cls, model: nn.Module) -> nn.Module:
+        """Make the loaded (or meta) model quantizable: fused experts become one linear per expert matrix."""
+        if cls.experts is not None:
+            from llmc.models.moe import unfuse_experts
+
+            unfuse_experts(get_module(model, cls.blocks), cls.experts, cls.expert_linears)
+        return model
+
+    def block_subsets(self, index: int) -> list[Subset]:
+        """The subsets of block `index` (MoE models mix dense and expert blocks)."""
+        return self.subsets
+
+    def block_linear_names(self, index: int) -> list[str]:
+        return [name for subset in self.block_subsets(index) for name in subset.layers]
 
     def block_list(self) -> nn.ModuleList:
         return get_module(self.model, self.blocks)
@@ -71,7 +103,9 @@ class Adapter:
         return torch.tanh(logits / cap) * cap if cap else logits
 
     def linear_names(self) -> list[str]:
-        return [name for subset in self.subsets for name in subset.layers]
+        """Every block's quantized linear names, each once, in block order."""
+        names = dict.fromkeys(n for i in range(len(self.block_list())) for n in self.block_linear_names(i))
+        return list(names)
 
     def present(self, names: list[str]) -> list[str]:
         """Names that exist on this model (e.g. OPT's project_in exists only for some sizes)."""
@@ -110,3 +144,11 @@ def adapter_class(model_type: Optional[str], declared: Optional[str]) -> type[Ad
         raise ConfigError("model.type" if declared else "model.path",
                           f"no adapter for the checkpoint's model_type '{model_type}'. Supported: {supported}")
     return ADAPTERS.get(model_type)
+
+
+def prepare_model(model: nn.Module) -> nn.Module:
+    """The family's `prepare` (unfused experts) on a freshly built model; models without an adapter pass."""
+    import llmc.models.families  # noqa: F401  (registration)
+
+    model_type = getattr(model.config, "model_type", None)
+    return ADAPTERS.get(model_type).prepare(model) if model_type in ADAPTERS else model

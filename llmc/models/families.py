@@ -1,2 +1,2 @@
 """Importing this module registers every model family."""
-from llmc.models import gemma, llama, opt, phi3, qwen2, qwen3  # noqa: F401
+from llmc.models import deepseek, gemma, llama, mixtral, opt, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe  # noqa: F401

@@ -13,6 +13,7 @@ from accelerate.utils import set_module_tensor_to_device
 from loguru import logger
 
 from llmc.errors import ConfigError
+from llmc.models.adapter import prepare_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -100,6 +101,7 @@ def load_model(model_cfg, device: torch.device, tokenizer=None):
     dtype = resolve_dtype(model_cfg.torch_dtype, hf_config, device)
     logger.info(f"loading {source.folder}{' / ' + source.gguf_file if source.gguf_file else ''} as {dtype}")
     model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype, low_cpu_mem_usage=True, **source.kwargs())
+    prepare_model(model)  # fused MoE experts → one linear per expert matrix
     model.eval().requires_grad_(False)
     # A GGUF load leaves the loader's quantization_config behind; the model is float now.
     if hasattr(model.config, "quantization_config"):
@@ -131,6 +133,7 @@ def load_model_streamed(model_cfg, blocks: str, device: torch.device, tokenizer=
     logger.info(f"loading {source.folder} as {dtype}, decoder blocks streamed from disk")
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    prepare_model(model)  # blocks still on meta: their per-expert tensors are read at their turn
     prefix = blocks + "."
     for key, t in tensors_of(model).items():
         if t.is_meta and not key.startswith(prefix) and key in files:
@@ -162,7 +165,7 @@ def meta_model(hf_config):
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(hf_config)
+        return prepare_model(AutoModelForCausalLM.from_config(hf_config))
 
 
 def pick_device(requested: Optional[str]) -> torch.device:

@@ -182,13 +182,13 @@ def add_let(fold, s: nn.Parameter, z: Optional[nn.Parameter]) -> None:
     """Parametrize prev_op and the subset's linears so the block computes with scale s (and shift z)."""
     prev = fold.prev
     if z is not None:
-        for lin in fold.linears:  # before the weight's own scaling: the bias needs W·z with the original W
+        for lin in (*fold.linears, *fold.readers):  # before the weight's own scaling: the bias needs W·z with the original W
             parametrize.register_parametrization(lin, "bias", _AbsorbShift(z, lin.weight, fold.expand))
         parametrize.register_parametrization(prev, "bias", _ShiftBias(z, fold.rows))
     parametrize.register_parametrization(prev, "weight", _Divide(s, fold.rows, fold.offset))
     if getattr(prev, "bias", None) is not None:
         parametrize.register_parametrization(prev, "bias", _Divide(s, fold.rows))
-    for lin in fold.linears:
+    for lin in (*fold.linears, *fold.readers):  # readers (a MoE router) stay float, scaled to read x/s
         parametrize.register_parametrization(lin, "weight", _ScaleColumns(s, fold.expand))
 
 

@@ -197,6 +197,12 @@ def _args(config: Config):
 def check_against_model(config: Config, adapter) -> None:
     """Shape checks on the (meta-device) model: weight group sizes and activation head counts must divide
     every quantized linear's in_features."""
+    from llmc.models.load import fp8_source_kwargs
+
+    fp8_source_kwargs(config.model, adapter.model.config)  # an FP8-stored checkpoint matches torch_dtype
+    if config.model.torch_dtype == "float8_e4m3fn" and config.model.offload != "none":
+        raise ConfigError("model.offload", f"{config.model.offload} with an FP8-stored checkpoint: streamed blocks are "
+                          "read from the shards as stored; dequantize it first or set offload: none")
     w, a = config.quant.weight, config.quant.act
     checks = []
     if w is not None and w.granularity == "per_group":

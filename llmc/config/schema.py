@@ -33,19 +33,23 @@ class ModelCfg(Section):
     type: Optional[str] = None
     path: str
     gguf_file: Optional[str] = None
-    torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # float8_e4m3fn (LLMC: torch.float8_e4m3fn): the checkpoint stores FP8 weights (DeepSeek-V3's 128 x 128
+    # block-wise FP8, with block_wise_quant: True), dequantized at load (llmc/models/load.py).
+    torch_dtype: Literal["auto", "float32", "bfloat16", "float16", "float8_e4m3fn"] = "auto"
+    block_wise_quant: bool = False
 
     @field_validator("torch_dtype", mode="before")
     @classmethod
     def _torch_spelling(cls, v: Any) -> Any:
         """LLMC spells dtypes as torch attributes (`torch.bfloat16`)."""
-        if isinstance(v, str) and v.startswith("torch."):
-            name = v.removeprefix("torch.")
-            if name.startswith("float8"):
-                raise ValueError(f"'{v}' loads an FP8-stored checkpoint (DeepSeek-V3's block-wise FP8), which "
-                                 "llmc does not read yet; use the bf16 checkpoint with torch_dtype: auto")
-            return name
-        return v
+        return v.removeprefix("torch.") if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _block_wise(self) -> "ModelCfg":
+        if self.block_wise_quant and self.torch_dtype != "float8_e4m3fn":
+            raise ValueError(f"block_wise_quant True reads block-wise FP8 weights: it needs torch_dtype "
+                             f"torch.float8_e4m3fn (got {self.torch_dtype})")
+        return self
     tokenizer_mode: Literal["slow", "fast"] = "fast"
     # The dtype block forwards and learned methods compute in; statistics stay float32 whatever this is.
     compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"

@@ -78,7 +78,40 @@ def load_hf_config(source: ModelSource):
     return AutoConfig.from_pretrained(source.folder, **source.kwargs())
 
 
+FP8_SOURCE = "float8_e4m3fn"
+
+
+def fp8_source_kwargs(model_cfg, hf_config) -> dict:
+    """from_pretrained arguments that dequantize an FP8-stored checkpoint at load (LLMC's `torch_dtype:
+    torch.float8_e4m3fn` + `block_wise_quant: True`: DeepSeek-V3's weights in float8_e4m3fn with one
+    float32 `weight_scale_inv` per 128 x 128 block, config.json `quantization_config.quant_method: fp8`).
+    Checked against config.json alone, so a mismatch stops before any weight is read."""
+    qc = getattr(hf_config, "quantization_config", None)
+    qc = qc.to_dict() if hasattr(qc, "to_dict") else dict(qc or {})
+    stored_fp8 = qc.get("quant_method") == "fp8"
+    if model_cfg.torch_dtype != FP8_SOURCE:
+        if stored_fp8:
+            raise ConfigError("model.torch_dtype", f"'{model_cfg.torch_dtype}': {model_cfg.path} stores FP8 weights "
+                              "(quantization_config.quant_method fp8); set torch_dtype: torch.float8_e4m3fn and "
+                              f"block_wise_quant: {bool(qc.get('weight_block_size'))} to dequantize them at load")
+        return {}
+    if not stored_fp8:
+        raise ConfigError("model.torch_dtype", f"torch.float8_e4m3fn reads a checkpoint stored in FP8 "
+                          f"(quantization_config.quant_method fp8, as DeepSeek-V3 ships), but {model_cfg.path} has "
+                          f"{qc.get('quant_method') or 'no quantization_config'}; use torch_dtype: auto")
+    block = qc.get("weight_block_size")
+    if not block or not model_cfg.block_wise_quant:
+        raise ConfigError("model.block_wise_quant", f"{model_cfg.block_wise_quant} with FP8 weights "
+                          + (f"in {block[0]} x {block[1]} blocks: set block_wise_quant: True" if block else
+                             "without weight_block_size: only block-wise FP8 checkpoints are read"))
+    from transformers import FineGrainedFP8Config
+
+    return {"quantization_config": FineGrainedFP8Config(dequantize=True, weight_block_size=tuple(block))}
+
+
 def resolve_dtype(requested: str, hf_config, device: torch.device) -> torch.dtype:
+    if requested == FP8_SOURCE:  # dequantized at load into the compute precision
+        requested = "bfloat16"
     if requested == "auto":
         dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None) or torch.float32
         dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
@@ -99,11 +132,14 @@ def load_model(model_cfg, device: torch.device, tokenizer=None):
     source = resolve_source(model_cfg.path, model_cfg.gguf_file)
     hf_config = load_hf_config(source)
     dtype = resolve_dtype(model_cfg.torch_dtype, hf_config, device)
-    logger.info(f"loading {source.folder}{' / ' + source.gguf_file if source.gguf_file else ''} as {dtype}")
-    model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype, low_cpu_mem_usage=True, **source.kwargs())
+    fp8 = fp8_source_kwargs(model_cfg, hf_config)
+    logger.info(f"loading {source.folder}{' / ' + source.gguf_file if source.gguf_file else ''} as {dtype}"
+                + (" (FP8 blocks dequantized)" if fp8 else ""))
+    model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype, low_cpu_mem_usage=True, **source.kwargs(),
+                                                 **fp8)
     prepare_model(model)  # fused MoE experts → one linear per expert matrix
     model.eval().requires_grad_(False)
-    # A GGUF load leaves the loader's quantization_config behind; the model is float now.
+    # A GGUF or FP8 load leaves the loader's quantization_config behind; the model is float now.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None

@@ -134,12 +134,13 @@ class TesseraQ(Algorithm):
     Options = TesseraQOptions
     data_driven = True
     needs_targets = True
-    folds = True  # load_transform folds AWQ's scales: the engine keeps the float output to check them
+    folds = False  # True on instances with load_transform (AWQ's scales folded: the engine checks the folds)
     weight_calib_algos = ("learnable",)  # LLMC's configs name it; the grid comes from the clips or min/max
 
     def __init__(self, wargs, aargs, options: TesseraQOptions):
         super().__init__(wargs, aargs, options)
         o = options
+        self.folds = o.load_transform
         unused = [k for k, used in (("scale_path", o.load_transform),
                                     ("clip_path", o.weight_clip and o.clip_version == "v2"))
                   if k in o.model_fields_set and getattr(o, k) and not used]

@@ -278,3 +278,29 @@ def test_bad_options_are_refused_before_loading(make_config, wiki_files, capsys,
     assert main(["--config", path, "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert key in err and value in err
+
+
+def test_fused_soft_quantizer_matches_autograd_on_the_formula():
+    """Values and gradients (rounding variables, scale factors) of the fused function equal autograd through
+    (clamp(floor(w/s) + rectified_sigmoid(alpha) + z) - z)·s·2·rectified_sigmoid(v), hardened entries included."""
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(8, 64, generator=g)
+    scale, zero = calibrate(grouped(w, W3), W3)
+    r = SoftRounding(w, scale, zero, W3, optimize_scale=True)
+    with torch.no_grad():
+        r.alpha.add_(torch.randn(r.alpha.shape, generator=g))
+        r.factor.copy_(torch.randn(r.factor.shape, generator=g) * 0.3)
+    r.harden(0.6)
+    upstream = torch.randn(8, 64, generator=g)
+    (r.fake_quant(w) * upstream).sum().backward()
+    alpha = r.alpha.detach().clone().requires_grad_(True)
+    factor = r.factor.detach().clone().requires_grad_(True)
+    h = torch.clamp(torch.sigmoid(alpha) * 1.2 - 0.1, 0, 1)
+    f = 2 * torch.clamp(torch.sigmoid(factor) * 1.2 - 0.1, 0, 1)
+    t = grouped(w, W3) / scale
+    ref = ((torch.clamp(torch.floor(t) + h + zero, -4, 3) - zero) * scale * f).reshape(w.shape)
+    (ref * upstream).sum().backward()
+    assert torch.allclose(r.fake_quant(w), ref, atol=1e-6)
+    assert torch.allclose(r.alpha.grad, alpha.grad, atol=1e-6)
+    assert torch.allclose(r.factor.grad, factor.grad, atol=1e-5)
+    assert (r.alpha.grad[~torch.isfinite(r.alpha)] == 0).all()

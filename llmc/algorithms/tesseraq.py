@@ -96,8 +96,9 @@ class SoftRounding(nn.Module):
         return self.scale if self.factor is None else self.scale * (2 * rectified_sigmoid(self.factor))
 
     def fake_quant(self, weight: torch.Tensor) -> torch.Tensor:
-        q = torch.clamp(self.base + rectified_sigmoid(self.alpha), self.args.qmin, self.args.qmax)
-        return ((q - self.zero) * self.out_scale()).reshape(weight.shape).to(weight.dtype)
+        out = _SoftQDQ.apply(self.alpha, self.out_scale(), self.base, self.zero, float(self.args.qmin),
+                             float(self.args.qmax))
+        return out.reshape(weight.shape).to(weight.dtype)
 
     @torch.no_grad()
     def harden(self, threshold: float) -> None:
@@ -126,6 +127,39 @@ class SoftRounding(nn.Module):
         codes = self.codes()
         flipped = ((self.alpha > 0) != self.nearest_up).float().mean().item()  # LLMC's change ratio
         return dequantize(codes, scale, self.zero).reshape(shape), scale, self.zero, flipped
+
+
+def _adam(groups: list[dict], lr: float) -> torch.optim.Adam:
+    """Adam, fused where torch has the kernel (ten times fewer passes over the rounding variables on CPU)."""
+    try:
+        return torch.optim.Adam(groups, lr=lr, fused=True)
+    except RuntimeError:
+        return torch.optim.Adam(groups, lr=lr)
+
+
+class _SoftQDQ(torch.autograd.Function):
+    """(clamp(base + h(alpha), qmin, qmax) - zero)·scale, h the rectified sigmoid, with the gradients autograd
+    would give (both clamps pass gradient inside their bounds, bounds included) in a third of the passes over
+    the weight: alpha gets g·scale·1.2·σ(1-σ) inside both clamps, scale Σ g·(q - zero) over its row."""
+
+    @staticmethod
+    def forward(ctx, alpha, scale, base, zero, qmin: float, qmax: float):
+        sg = torch.sigmoid(alpha)
+        v = sg.mul(ZETA - GAMMA).add_(GAMMA)
+        inside = (v >= 0) & (v <= 1)
+        v.clamp_(0, 1).add_(base)
+        inside &= (v >= qmin) & (v <= qmax)
+        q = v.clamp_(qmin, qmax).sub_(zero)
+        slope = torch.addcmul(sg, sg, sg, value=-1).mul_(ZETA - GAMMA).masked_fill_(~inside, 0)  # dh/dalpha
+        ctx.save_for_backward(slope, q, scale)
+        return q * scale
+
+    @staticmethod
+    def backward(ctx, g):
+        slope, q, scale = ctx.saved_tensors
+        galpha = (g * scale).mul_(slope) if ctx.needs_input_grad[0] else None
+        gscale = (g * q).sum(-1, keepdim=True) if ctx.needs_input_grad[1] else None
+        return galpha, gscale, None, None, None, None
 
 
 @ALGORITHMS.register("TesseraQ")
@@ -294,7 +328,7 @@ class TesseraQ(Algorithm):
             groups = [{"params": params_r, "lr": opts.lr}]
             if params_s:
                 groups.append({"params": params_s, "lr": opts.scale_lr or opts.lr, "weight_decay": SCALE_WEIGHT_DECAY})
-            optimizer = torch.optim.Adam(groups, lr=opts.lr)  # a fresh one per threshold, as LLMC
+            optimizer = _adam(groups, opts.lr)  # a fresh one per threshold, as LLMC
             for p in params_r + params_s:
                 p.requires_grad_(True)
             loss = None

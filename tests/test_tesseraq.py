@@ -145,8 +145,9 @@ def test_exports_hold_tesseraqs_codes(tmp_path):
 
     args = QuantArgs(bit=4, symmetric=False, granularity="per_group", group_size=32, scale_dtype="float16")
     model = make_model("llama")
-    quantize_blocks(model, adapter_class("llama", None)(model), TesseraQ(args, None, TesseraQOptions(
-        iterations=3, thresholds=[0.5, 0.1], scale_lr=1e-2)), _batches(model, 2, 2), set(), RunContext(), quant_out=True)
+    algo = TesseraQ(args, None, TesseraQOptions(iterations=3, thresholds=[0.5, 0.1], scale_lr=1e-2))
+    quantize_blocks(model, adapter_class("llama", None)(model), algo, _batches(model, 2, 2), set(), RunContext(),
+                    quant_out=True)
     autoawq.save(model, make_tokenizer(), tmp_path / "awq")
     gptq_format.save(model, make_tokenizer(), tmp_path / "gptq")
     awq, _ = read(tmp_path / "awq")
@@ -200,7 +201,8 @@ def test_awq_then_tesseraq_without_training_keeps_awqs_fake_weights(make_config,
     both = make_config({**common, "quant": DELETE, "stages": [_awq(), _tesseraq(0)],
                         "save": {"save_path": str(tmp_path / "both"), "save_fake": True}}, name="both.yml")
     assert main(["--config", both]) == 0
-    ref, got = _fake_linears(tmp_path / "awq" / "fake_quant_model"), _fake_linears(tmp_path / "both" / "fake_quant_model")
+    ref = _fake_linears(tmp_path / "awq" / "fake_quant_model")
+    got = _fake_linears(tmp_path / "both" / "fake_quant_model")
     assert len(ref) == 21 and got.keys() == ref.keys()
     for key in ref:
         assert torch.equal(got[key], ref[key]), key

@@ -29,6 +29,8 @@ CASES = {
                    "special": {"lwc": True, "let": True, "epochs": 1}}, 0.999),
     # the same global mini-batches on both processes, each taking the samples it holds
     "SignRound": ({"method": "SignRound", "weight": W3, "special": {"iters": 4, "batch_size": 3}}, 0.999),
+    "TesseraQ": ({"method": "TesseraQ", "weight": W3, "quant_out": True,
+                  "special": {"iterations": 3, "batch_size": 3, "thresholds": [0.5, 0.1], "lr": 0.005}}, 0.999),
 }
 
 

@@ -82,15 +82,16 @@ def tokenizer():
 RTN = "configs/quantization/methods/RTN/rtn_w_only.yml"
 GPTQ = "configs/quantization/methods/GPTQ/gptq_w_only.yml"
 COMMON = ["eval.eval_pos=[]", "quant.weight.bit=4", "quant.weight.group_size=128", "quant.weight.symmetric=False",
-          "calib.n_samples=32", "calib.seq_len=512", "model.type=null"]
+          "model.type=null"]
+CALIB = ["calib.n_samples=32", "calib.seq_len=512"]
 FAMILIES = ["llama", "llama (MLP 8 x 512 wide)", "qwen2", "mistral", "qwen3", "gemma2", "gemma3_text", "phi3",
             "opt", "qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3"]
 
 
 def rows(families: list[str]) -> dict:
     """Rows of the families asked for (their synthetic checkpoints are written on first use)."""
-    return {f"{family} {method} W4 g128": (cfg, [f"model.path={model_dir(family)}"])
-            for family in families for method, cfg in (("RTN", RTN), ("GPTQ", GPTQ))}
+    return {f"{family} {method} W4 g128": (cfg, [f"model.path={model_dir(family)}"] + extra)
+            for family in families for method, cfg, extra in (("RTN", RTN, []), ("GPTQ", GPTQ, CALIB))}
 
 
 if __name__ == "__main__":

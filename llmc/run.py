@@ -295,6 +295,7 @@ def run_stage(stage: Config, model, adapter, tokenizer, ctx, batches: list, hand
     algo_cls, options = algorithm_options(stage)
     wargs, aargs = QuantArgs.from_cfg(stage.quant.weight), QuantArgs.from_cfg(stage.quant.act)
     algorithm = algo_cls(wargs, aargs, options)
+    algorithm.gates = tuple(stage.quant.quantize_gates)
     for kind, path in options.inputs().items():
         if kind in handed:
             algorithm.loaded[kind] = handed[kind]

@@ -274,3 +274,37 @@ def test_offloaded_run_reads_per_expert_tensors_and_matches_in_memory(make_confi
         assert main(["--config", path]) == 0
         ppl[offload] = [e["ppl"] for e in read_results(out / "results.json")["evals"]]
     assert ppl["disk"] == pytest.approx(ppl["none"], rel=1e-5)
+
+
+def test_routers_stay_float_unless_opted_in_by_name(make_config, tmp_path, capsys):
+    """quant.quantize_gates puts the named routers on the weight quantizer's grid (RTN, computed here);
+    the others, and every router by default, keep their float weights; an unknown name is refused."""
+    from safetensors.torch import load_file
+
+    def run(gates, name):
+        cfg = make_config({"quant": {"quantize_gates": gates}, "save": {"save_fake": True,
+                                                                       "save_path": str(tmp_path / name)}},
+                          family="qwen2_moe", name=f"{name}.yml")
+        assert main(["--config", cfg]) == 0
+        out = {}
+        for f in (tmp_path / name / "fake_quant_model").glob("*.safetensors"):
+            out.update(load_file(f))
+        return out
+
+    plain, opted = run([], "plain"), run(["mlp.shared_expert_gate"], "opted")
+    original = dict(make_model("qwen2_moe").named_parameters())
+    for key in [k for k in plain if k.endswith("shared_expert_gate.weight") or k.endswith("mlp.gate.weight")]:
+        assert torch.equal(plain[key], original[key].detach()), key  # float by default
+        if "shared_expert_gate" in key:
+            w = original[key].detach().reshape(-1, 32)  # the tiny config's group of 32, asymmetric 4 bits
+            lo, hi = w.amin(1, keepdim=True).clamp(max=0), w.amax(1, keepdim=True).clamp(min=0)
+            scale = (hi - lo) / 15
+            zero = torch.round(-lo / scale)
+            rtn = (torch.clamp(torch.round(w / scale) + zero, 0, 15) - zero) * scale
+            torch.testing.assert_close(opted[key], rtn.reshape(opted[key].shape), atol=1e-6, rtol=0)
+        else:
+            assert torch.equal(opted[key], original[key].detach()), key
+    cfg = make_config({"quant": {"quantize_gates": ["mlp.router"]}}, family="qwen2_moe", name="bad.yml")
+    assert main(["--config", cfg, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "quant.quantize_gates" in err and "mlp.shared_expert_gate" in err

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict
 from llmc.engine.block import BlockJob
 from llmc.models.adapter import set_module
 from llmc.quant.fake_linear import QuantLinear
-from llmc.quant.quantizer import QuantArgs
+from llmc.quant.quantizer import QuantArgs, bind_global, fake_quant
 
 
 class Options(BaseModel):
@@ -46,6 +46,7 @@ class Algorithm:
     def __init__(self, wargs: Optional[QuantArgs], aargs: Optional[QuantArgs], options: Options):
         self.wargs, self.aargs, self.options = wargs, aargs, options
         self.loaded: dict[str, dict[str, torch.Tensor]] = {}  # state from an earlier stage, by kind
+        self.gates: tuple[str, ...] = ()  # float readers (MoE routers) opted into quantization: quant.quantize_gates
 
     @classmethod
     def needs_calibration(cls, wargs: Optional[QuantArgs], aargs: Optional[QuantArgs], options: Options) -> bool:
@@ -73,6 +74,16 @@ class Algorithm:
         raise NotImplementedError
 
     # ---- shared steps ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def quantize_gates(self, job: BlockJob) -> list[str]:
+        """Round-to-nearest the opted-in routers of this block in place (after the algorithm: they read the
+        subset's input, so a fold has already scaled their columns); returns their names."""
+        names = [r for s in job.subsets for r in s.readers if r in self.gates]
+        for name in names:
+            weight = job.module(name).weight
+            weight.copy_(fake_quant(weight.detach().float(), bind_global(self.wargs, weight)).to(weight.dtype))
+        return names
+
     def install(self, job: BlockJob, name: str) -> QuantLinear:
         """Replace a linear of the block by a QuantLinear (idempotent)."""
         module = job.module(name)

@@ -220,7 +220,22 @@ def check_against_model(config: Config, adapter) -> None:
                     hint = f" (e.g. {_divisor_hint(width)})" if key.endswith("group_size") else ""
                     raise ConfigError(key, f"{size} does not divide in_features {width} of "
                                       f"{adapter.block_name(i)}.{name}; {what}{hint}")
+    _check_gates(config, adapter)
     algorithm_options(config)[0].check_model(config, adapter)
+
+
+def _check_gates(config: Config, adapter) -> None:
+    """quant.quantize_gates names float readers (routers, shared-expert gates) the model declares."""
+    wanted = config.quant.quantize_gates
+    if not wanted:
+        return
+    readers = {r for i in range(len(adapter.block_list())) for s in adapter.block_subsets(i) for r in s.readers}
+    unknown = sorted(set(wanted) - readers)
+    if unknown:
+        raise ConfigError("quant.quantize_gates", f"{unknown}: not a router or gate of this model (its float "
+                          f"readers: {sorted(readers) or 'none, it has no experts'})")
+    if config.quant.weight is None:
+        raise ConfigError("quant.quantize_gates", "quantizes routers with the weight quantizer: a weight section is required")
 
 
 def _divisor_hint(n: int) -> str:

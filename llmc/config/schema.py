@@ -301,6 +301,9 @@ class QuantCfg(Section):
     kvcache: Optional[KVCacheCfg] = None
     special: dict[str, Any] = {}
     quant_out: bool = False
+    # MoE routers and shared-expert gates stay float (their outputs pick experts); names listed here
+    # (relative to the block, e.g. mlp.gate) are round-to-nearest quantized with the weight quantizer.
+    quantize_gates: list[str] = []
 
     @field_validator("special", mode="before")
     @classmethod

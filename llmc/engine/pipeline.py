@@ -81,6 +81,9 @@ def _quantize_blocks(model, adapter, algorithm, batches, ignored, ctx, quant_out
                 state.setdefault(kind, {}).update(entries)
             if algorithm.keeps_float:  # its only weight changes are folds: the whole block must still agree
                 job.check_float(f"{algorithm.name}'s transforms")
+            gates = algorithm.quantize_gates(job)  # after the float check: their weights change by design
+            if gates:
+                logger.info(f"{name}: routers quantized (quant.quantize_gates): {', '.join(gates)}")
             check_module_finite(job.block, name, f"{algorithm.name} produced it on this block")
             job.float_check = None
         if inputs is not None:

@@ -109,8 +109,8 @@ def render(rows: dict, title: str, fp_label: str = "FP") -> str:
     fp = next((r["ppl"] for label, r in rows.items() if label.startswith(fp_label)), None)
     body = []
     for label, r in rows.items():
-        delta = f"{100 * (r['ppl'] / fp - 1):+.2f}%" if fp and not label.startswith(fp_label) else ""
-        body.append([label + (" †" if r.get("resumed") else ""), f"{r['ppl']:.3f}", delta, f"{r.get('quantize_s', 0):.1f}",
+        delta = f"{100 * (r['ppl'] / fp - 1):+.2f}%" if fp and r["ppl"] and not label.startswith(fp_label) else ""
+        body.append([label + (" †" if r.get("resumed") else ""), "-" if r["ppl"] is None else f"{r['ppl']:.3f}", delta, f"{r.get('quantize_s', 0):.1f}",
                      f"{r.get('wall_s', r.get('seconds', 0)):.0f}", f"{r.get('peak_rss_mb', 0):.0f}"])
     table = markdown(["run", "PPL", "vs FP", "quantize s", "process wall s", "peak RSS MB"], body)
     if any(r.get("resumed") for r in rows.values()):
@@ -144,7 +144,8 @@ def run_row(spec, common: list[str], work: Path) -> dict:
     shutil.rmtree(work, ignore_errors=True)
     last = results[-1]
     ppl = [e for e in last["evals"] if "ppl" in e]  # lm-eval rows carry metrics, not PPL
-    return {"ppl": ppl[0]["ppl"], "ppl_by_pos": {e["pos"]: e["ppl"] for e in reversed(ppl)},  # first per pos
+    return {"ppl": ppl[0]["ppl"] if ppl else None,  # None: a row that evaluates nothing (cost only)
+            "ppl_by_pos": {e["pos"]: e["ppl"] for e in reversed(ppl)},  # first per pos
             "quantize_s": sum(quantize_seconds(r) for r in results),
             "resumed": any(r.get("resumed") for r in results),
             "wall_s": sum(r["process_wall_s"] for r in results),

@@ -42,6 +42,15 @@ class Adapter:
     # Linears whose outputs are multiplied into attention scores: weight clipping skips them (as AutoAWQ).
     score_layers: ClassVar[tuple[str, ...]] = ("self_attn.q_proj", "self_attn.k_proj")
     attention: ClassVar[str] = "self_attn"  # the module in each block that computes attention
+    # QuaRot's rotation of the residual stream (llmc/algorithms/quarot.py): the kind of the norms in front of
+    # the subsets ("rms": x / rms(x) * w, which commutes with a rotation once w is folded; "layer": mean
+    # subtraction, which does not; None: undeclared), the token embedding, the value projection and the
+    # linears that write the residual stream (attention output, MLP output).
+    norm_kind: ClassVar[Optional[str]] = None
+    embed_tokens: ClassVar[Optional[str]] = None
+    attn_value: ClassVar[Optional[str]] = None
+    attn_out: ClassVar[Optional[str]] = None
+    mlp_out: ClassVar[Optional[str]] = None
 
     def __init__(self, model: nn.Module):
         self.model = model

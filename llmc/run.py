@@ -27,7 +27,7 @@ from llmc.evaluation.lm_eval import evaluate_tasks
 from llmc.evaluation import sections as eval_sections
 from llmc.evaluation.ppl import perplexity
 from llmc.export.packing import packed_exports
-from llmc.export.save import save_fake_quant, save_streamed, save_transformed
+from llmc.export.save import install_recorded_rotations, save_fake_quant, save_streamed, save_transformed
 from llmc.export.state import architecture_fingerprint, load_state, save_state
 from llmc.models import adapter_class, load_hf_config, load_model, meta_model, pick_device, resolve_source
 from llmc.models.load import load_model_streamed, load_tokenizer
@@ -182,6 +182,9 @@ def _run_loaded(config: Config, ctx, stages: list[Config], adapter_cls, exports:
     ckpt.check("config", config_fingerprint(config.model_dump(mode="json")))
     with ctx.timed("load"):
         model, tokenizer = load(config, ctx, adapter_cls, out, tokenizer)
+    source = resolve_source(config.model.path, config.model.gguf_file)
+    if not source.gguf_file and install_recorded_rotations(model, source.folder):
+        logger.info(f"online rotations recorded in {source.folder} re-attached (QuaRot)")
     check_module_finite(model, "", skip=adapter_cls.blocks + "." if ctx.store is not None else "")
     ckpt.check("model", model_fingerprint(model, resolve_source(config.model.path, config.model.gguf_file).folder))
     if batches:
@@ -307,6 +310,7 @@ def run_stage(stage: Config, model, adapter, tokenizer, ctx, batches: list, hand
         batches = []
     local, token_index = distributed.shard_batches(batches, ctx.shard) if ctx.world_size > 1 else (batches, None)
     with ctx.timed("quantize"):
+        algorithm.prepare_model(model, adapter, ctx)
         state = quantize_blocks(model, adapter, algorithm, local or None, ignored, ctx, algo_cls.quant_out(stage.quant),
                                 ckpt, index, token_index, stage.calib.calibrate_all_experts if stage.calib else True)
     for kind, path in options.outputs().items() if ctx.is_main else ():

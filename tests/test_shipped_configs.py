@@ -29,8 +29,8 @@ def _jobs() -> list[list[str]]:
     for config in CONFIGS:
         if "step_2" in config:
             continue
-        step2 = config.replace("step_1_awq", "step_2_omniq")
-        jobs.append([config, step2] if "step_1" in config else [config])
+        folder = config.rsplit("/", 1)[0] + "/step_2"
+        jobs.append([config, next(c for c in CONFIGS if c.startswith(folder))] if "step_1" in config else [config])
     assert sum(map(len, jobs)) == len(CONFIGS), "a step_2 config without its step_1"
     return jobs
 

@@ -70,6 +70,10 @@ class Algorithm:
     def check_model(cls, config, adapter) -> None:
         """Checks against the (meta-device) model's shapes, before any weight is loaded (raise ConfigError)."""
 
+    def prepare_model(self, model, adapter, ctx) -> None:
+        """A model-level transform before the blockwise pass (QuaRot's rotation of the residual stream: the
+        embeddings, every block and the head together); it must keep the float model. Default: nothing."""
+
     def apply(self, job: BlockJob, targets: Optional[list[torch.Tensor]]) -> dict:
         raise NotImplementedError
 

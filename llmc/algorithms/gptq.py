@@ -42,6 +42,10 @@ class GPTQOptions(Options):
     owq_sensitivity: Literal["error", "hessian"] = "error"
     # LLMC accumulates each Hessian over chunk_num token chunks: the same sum in less memory.
     chunk_num: int = Field(1, ge=1)
+    # LLMC's step after QuaRot: the model carries QuaRot's online Hadamards (re-attached from the checkpoint's
+    # record, or kept from an earlier Quarot stage); checked against it (llmc/algorithms/quarot.py).
+    online_rotate: bool = False
+    fp32_had: bool = False
 
 
 GRAM_CHUNK = 192  # column block of the symmetric accumulation (fastest measured for 576 and 1536 inputs)

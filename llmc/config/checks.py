@@ -46,6 +46,9 @@ def check_config(config: Config) -> None:
     opencompass.check(config)
     for stage in config.stage_configs():
         check_packing(stage)
+    from llmc.algorithms.quarot import check_online_rotate
+
+    check_online_rotate(config)
     produced: set[str] = set()
     for i, stage in enumerate(config.stage_configs()):
         try:

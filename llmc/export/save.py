@@ -16,10 +16,31 @@ from torch import nn
 from llmc.export.atomic import atomic_dir
 from llmc.models.adapter import get_module, set_module
 from llmc.quant.fake_linear import QuantLinear, quant_linears
+from llmc.quant.hadamard import install_record, rotation_record
 from llmc.quant.quantizer import QuantArgs
 
 ACT_RECORD = "llmc_quant.json"
 ACT_SCALES = "llmc_act_scales.safetensors"
+ROTATIONS = "llmc_rotations.json"  # QuaRot's online Hadamards, which the folded weights need at inference
+
+
+def write_rotation_record(model: nn.Module, folder: Path) -> None:
+    record = rotation_record(model)
+    if record:
+        (folder / ROTATIONS).write_text(json.dumps({"format": "llmc-online-rotations/1", "layers": record}, indent=2))
+
+
+def read_rotation_record(folder: str | Path) -> dict[str, dict]:
+    """{module name: online Hadamard spec} recorded in a saved folder ({} when none)."""
+    path = Path(folder) / ROTATIONS
+    return json.loads(path.read_text())["layers"] if path.is_file() else {}
+
+
+def install_recorded_rotations(model: nn.Module, folder: str | Path) -> int:
+    """Re-attach the online rotations a saved folder records; returns how many."""
+    record = read_rotation_record(folder)
+    install_record(model, record)
+    return len(record)
 
 
 @contextmanager
@@ -44,12 +65,14 @@ def _save_hf(model, tokenizer, folder: Path) -> None:
 def save_transformed(model, tokenizer, path: str | Path) -> None:
     with atomic_dir(path) as tmp, plain_linears(model, fake=False):
         _save_hf(model, tokenizer, tmp)
+        write_rotation_record(model, tmp)
 
 
 def save_fake_quant(model, tokenizer, path: str | Path, kvcache: dict | None = None) -> None:
     """`kvcache`: the quant.kvcache section, recorded so `load_fake_quant` quantizes the KV cache too."""
     with atomic_dir(path) as tmp, plain_linears(model, fake=True) as swapped:
         _save_hf(model, tokenizer, tmp)
+        write_rotation_record(model, tmp)
         record, scales = {}, {}
         _record_acts(swapped, "", record, scales)
         _write_act_record(tmp, record, scales, kvcache)
@@ -119,12 +142,14 @@ def save_streamed(model, tokenizer, path: str | Path, blocks: nn.ModuleList, blo
 
 
 def load_fake_quant(path: str | Path, dtype: torch.dtype = torch.float32):
-    """Load a `fake_quant_model/` folder: weights are already on their grid; activation quantizers (and the
-    KV-cache quantization) are re-installed from the record so the model computes what it computed in memory."""
+    """Load a `fake_quant_model/` folder: weights are already on their grid; online rotations (QuaRot),
+    activation quantizers and the KV-cache quantization are re-installed from the records so the model
+    computes what it computed in memory."""
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    install_recorded_rotations(model, path)  # before the act quantizers, which run after them
     saved = json.loads((path / ACT_RECORD).read_text()) if (path / ACT_RECORD).exists() else {}
     record = saved.get("layers", {})
     if saved.get("kvcache"):

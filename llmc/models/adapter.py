@@ -61,6 +61,15 @@ class Adapter:
     # (module name part, checkpoint name part) where the checkpoint on disk names a block's tensors otherwise
     # (read by model.offload, which loads blocks from the shards by name)
     checkpoint_renames: ClassVar[tuple[tuple[str, str], ...]] = ()
+    # QuaRot's rotation of the residual stream (llmc/algorithms/quarot.py): the kind of the norms in front of
+    # the subsets ("rms": x / rms(x) * w, which commutes with a rotation once w is folded; "layer": mean
+    # subtraction, which does not; None: undeclared), the token embedding, the value projection and the
+    # linears that write the residual stream (attention output, MLP output).
+    norm_kind: ClassVar[Optional[str]] = None
+    embed_tokens: ClassVar[Optional[str]] = None
+    attn_value: ClassVar[Optional[str]] = None
+    attn_out: ClassVar[Optional[str]] = None
+    mlp_out: ClassVar[Optional[str]] = None
 
     def __init__(self, model: nn.Module):
         self.model = model

@@ -8,6 +8,9 @@ class Llama(Adapter):
     blocks = "model.layers"
     embeddings = ["model.embed_tokens", "model.rotary_emb"]
     final = ["model.norm"]
+    norm_kind = "rms"
+    embed_tokens = "model.embed_tokens"
+    attn_value, attn_out, mlp_out = "self_attn.v_proj", "self_attn.o_proj", "mlp.down_proj"
     subsets = [
         Subset(layers=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), prev_op="input_layernorm",
                input="self_attn.q_proj", inspect="self_attn", has_kwargs=True, shiftable=True),

@@ -10,6 +10,7 @@ class Opt(Adapter):
     blocks = "model.decoder.layers"
     embeddings = ["model.decoder.embed_tokens", "model.decoder.embed_positions", "model.decoder.project_in"]
     final = ["model.decoder.final_layer_norm", "model.decoder.project_out"]
+    norm_kind = "layer"
     subsets = [
         Subset(layers=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), prev_op="self_attn_layer_norm",
                input="self_attn.q_proj", inspect="self_attn", has_kwargs=True, shiftable=True),

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmc.quant.hadamard import attach, rotation_of
 from llmc.quant.quantizer import (QuantArgs, bind_global, calibrate, dequantize, grouped, qparams_from_range, quant_dequant, quantize,
                                   row_range)
 
@@ -106,6 +107,8 @@ class QuantLinear(nn.Module):
         self.quant_enabled = True
         self._cache_key = None
         self._cache: Optional[torch.Tensor] = None
+        if rotation_of(linear) is not None:  # QuaRot's online Hadamard: runs before the activation quantizer
+            attach(self, rotation_of(linear))
 
     def set_weight_qparams(self, scale: Optional[torch.Tensor] = None, zero: Optional[torch.Tensor] = None,
                            g_idx: Optional[torch.Tensor] = None, float_cols: Optional[torch.Tensor] = None,
@@ -193,6 +196,8 @@ class QuantLinear(nn.Module):
                                      requires_grad=False)
         if self.bias is not None:
             linear.bias = nn.Parameter(self.bias.detach(), requires_grad=False)
+        if rotation_of(self) is not None:
+            attach(linear, rotation_of(self))
         return linear
 
     def extra_repr(self) -> str:

@@ -20,6 +20,7 @@ from pydantic import Field
 from torch import nn
 
 from llmc.algorithms.base import Algorithm, Options
+from llmc.algorithms.minibatch import backward_mean, sample_ids
 from llmc.errors import ConfigError
 from llmc.quant.quantizer import QuantArgs, dequantize, grouped, qparams_from_range, quant_dequant, row_range
 from llmc.registry import ALGORITHMS
@@ -186,7 +187,7 @@ class SignRound(Algorithm):
         if opts.enable_torch_compile:
             # One compiled graph serves every block (parameters are graph inputs), so only the first pays.
             self._forward = torch.compile(job.block)
-        owned, n = self._sample_ids(job)
+        owned, n = sample_ids(job)
         # Every process draws the same global mini-batches (seeded by block) and works on the samples it
         # holds: the summed squared errors and gradients are one process's, whatever the process count.
         sampler = CyclicSampler(n, opts.batch_size, torch.Generator().manual_seed(ctx.seed + job.index))
@@ -195,16 +196,7 @@ class SignRound(Algorithm):
             picks = sampler.next()
             mine = [owned[i] for i in picks if i in owned]
             sse, count = self._sse(job, targets, mine) if mine else (None, 0)
-            total = ctx.reduce(torch.tensor(float(count))).item() if ctx.world_size > 1 else count
-            for p in params:
-                p.grad = None
-            if sse is not None:
-                (sse / total).backward()
-            value = sse.detach() / total if sse is not None else torch.zeros(())
-            if ctx.world_size > 1:
-                value = ctx.reduce(value)
-                for p in params:
-                    p.grad = ctx.reduce(p.grad if p.grad is not None else torch.zeros_like(p))
+            value = backward_mean(ctx, params, sse, count)
             value = value.item()
             first = value if first is None else first
             if not opts.not_use_best_mse and value < best_loss:
@@ -230,18 +222,6 @@ class SignRound(Algorithm):
         self._forward = None
         kept = "last" if opts.not_use_best_mse else f"best (iter {best_iter})"
         logger.info(f"SignRound {job.name}: loss {first:.6g} at iter 0 -> {best_loss if best else value:.6g} {kept}")
-
-    @staticmethod
-    def _sample_ids(job) -> tuple[dict[int, tuple[int, int]], int]:
-        """This process's samples by their index among all processes' (one process's row-major order:
-        distributed.shard_batches deals the rows of each batch round robin), and the total count."""
-        ctx, local = job.ctx, job.samples()
-        if ctx.world_size == 1:
-            return dict(enumerate(local)), len(local)
-        sizes = ctx.reduce(torch.tensor([float(h.shape[0]) for h in job.inputs.hidden])).long()
-        starts = torch.cumsum(sizes, 0) - sizes
-        rank, world = ctx.shard.rank, ctx.world_size
-        return {int(starts[b]) + rank + r * world: (b, r) for b, r in local}, int(sizes.sum())
 
     def _sse(self, job, targets, picks) -> tuple[torch.Tensor, int]:
         """Summed squared error of the quantized block on the picked samples against the float targets,

@@ -27,7 +27,7 @@ from torch import nn
 from llmc.algorithms.awq import clip_search
 from llmc.algorithms.base import Algorithm, Options
 from llmc.algorithms.equivalence import fold_plan
-from llmc.algorithms.signround import SignRound
+from llmc.algorithms.minibatch import backward_mean, sample_ids
 from llmc.errors import ConfigError, UserError
 from llmc.quant.quantizer import QuantArgs, calibrate, dequantize, grouped, qparams_from_range, row_range
 from llmc.registry import ALGORITHMS
@@ -314,7 +314,7 @@ class TesseraQ(Algorithm):
     def _train(self, job, targets, aug, rounding: list[SoftRounding]) -> None:
         opts: TesseraQOptions = self.options
         ctx = job.ctx
-        owned, n = SignRound._sample_ids(job)
+        owned, n = sample_ids(job)
         gen = torch.Generator().manual_seed(ctx.seed + job.index)
         probe = [owned[i] for i in range(min(4, n)) if i in owned]  # LLMC logs the loss on 4 samples
         before = self._probe(job, targets, probe, hard=rounding)  # round-to-nearest on the grid
@@ -349,15 +349,8 @@ class TesseraQ(Algorithm):
         """One Adam step on the mean loss of the picked samples (summed over processes)."""
         ctx = job.ctx
         sse, tokens = self._sse(job, targets, aug, mine) if mine else (None, 0)
-        total = ctx.reduce(torch.tensor(float(tokens))).item() if ctx.world_size > 1 else tokens
         optimizer.zero_grad(set_to_none=True)
-        if sse is not None:
-            (sse / total).backward()
-        value = sse.detach() / total if sse is not None else torch.zeros(())
-        if ctx.world_size > 1:
-            value = ctx.reduce(value)
-            for p in params:
-                p.grad = ctx.reduce(p.grad if p.grad is not None else torch.zeros_like(p))
+        value = backward_mean(ctx, params, sse, tokens)
         finite = bool(torch.isfinite(value)) and all(p.grad is None or bool(torch.isfinite(p.grad).all())
                                                      for p in params)
         if finite:

@@ -100,10 +100,44 @@ def _regroup(node):
             _regroup(v)
 
 
+def family_checkpoint(declared: str, fp8: bool, tmp: str) -> str | None:
+    """A small random checkpoint of the family a config names (LLMC's DeepseekV2/V3 recipes), with every
+    width a multiple of 128 so LLMC's group sizes divide it; stored in block-wise FP8 as DeepSeek ships it
+    when the config reads `torch.float8_e4m3fn`. None for Llama (the embedded SmolLM2 serves)."""
+    import sys
+
+    import torch
+    import transformers as t
+
+    norm = str(declared).lower().replace("_", "")
+    makers = {"deepseekv3": t.DeepseekV3Config, "deepseekv2": t.DeepseekV2Config}
+    if norm not in makers:
+        return None
+    folder = Path(tmp) / f"{norm}{'-fp8' if fp8 else ''}"
+    if (folder / "config.json").is_file():
+        return str(folder)
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_fp8_source import write_block_fp8  # noqa: E402
+    from tiny import make_tokenizer  # noqa: E402
+
+    config = makers[norm](vocab_size=384, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
+                          n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1, n_group=1,
+                          topk_group=1, q_lora_rank=128, kv_lora_rank=128, qk_rope_head_dim=64,
+                          qk_nope_head_dim=64, v_head_dim=128, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    t.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    if fp8:
+        write_block_fp8(folder, block=128)
+    return str(folder)
+
+
 def rewrite(raw: dict, tmp: str) -> dict:
-    """Placeholders only: paths, a placeholder model type, group 128 → 64."""
+    """Placeholders only: paths, a placeholder model type, group 128 → 64; a config naming another family
+    runs on a small checkpoint of that family."""
     model = raw.get("model") or {}
-    model["path"] = MODEL
+    model["path"] = family_checkpoint(model.get("type"), "float8" in str(model.get("torch_dtype")), tmp) or MODEL
     if model.get("type") in PLACEHOLDER_TYPES:
         model["type"] = "Llama"
     _data_path(raw.get("calib"), "calib", tmp)

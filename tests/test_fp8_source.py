@@ -14,20 +14,20 @@ from tiny import make_model, make_tokenizer
 BLOCK = 16
 
 
-def block_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """DeepSeek's quantization: per BLOCK x BLOCK tile (edge tiles partial) scale = amax / 448, fp8 = w / scale."""
+def block_fp8(w: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek's quantization: per block x block tile (edge tiles partial) scale = amax / 448, fp8 = w / scale."""
     o, i = w.shape
-    bo, bi = -(-o // BLOCK), -(-i // BLOCK)
-    padded = torch.zeros(bo * BLOCK, bi * BLOCK)
-    padded[:o, :i] = w
-    tiles = padded.reshape(bo, BLOCK, bi, BLOCK)
+    bo, bi = -(-o // block), -(-i // block)
+    padded = torch.zeros(bo * block, bi * block)
+    padded[:o, :i] = w.float()
+    tiles = padded.reshape(bo, block, bi, block)
     scale = tiles.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
-    q = (tiles / scale[:, None, :, None]).to(torch.float8_e4m3fn).reshape(bo * BLOCK, bi * BLOCK)[:o, :i]
+    q = (tiles / scale[:, None, :, None]).to(torch.float8_e4m3fn).reshape(bo * block, bi * block)[:o, :i]
     return q.contiguous(), scale.float()
 
 
-def dequant(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    full = scale.repeat_interleave(BLOCK, 0).repeat_interleave(BLOCK, 1)[: q.shape[0], : q.shape[1]]
+def dequant(q: torch.Tensor, scale: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
+    full = scale.repeat_interleave(block, 0).repeat_interleave(block, 1)[: q.shape[0], : q.shape[1]]
     return q.float() * full
 
 
@@ -49,29 +49,36 @@ def hub_layout(tensors: dict) -> dict:
     return out
 
 
-@pytest.fixture(scope="module")
-def fp8_deepseek(tmp_path_factory):
-    """A tiny DeepSeek-V3 whose decoder linears are stored in block-wise FP8 (experts included)."""
-    folder = tmp_path_factory.mktemp("fp8") / "tiny-dsv3-fp8"
-    make_model("deepseek_v3").save_pretrained(folder)
-    make_tokenizer().save_pretrained(folder)
+def write_block_fp8(folder: Path, block: int = BLOCK) -> dict[str, torch.Tensor]:
+    """Rewrite a saved checkpoint as DeepSeek ships it: experts one 2-D matrix each, every decoder
+    projection (router excluded) in float8_e4m3fn with a `weight_scale_inv` per block x block tile, and
+    `quantization_config` saying so; returns the dequantized weights the load must give."""
     stored, expected = {}, {}
     for f in folder.glob("*.safetensors"):
         tensors = hub_layout(load_file(f))
         for k, w in tensors.items():
             if w.dim() == 2 and ".layers." in k and k.endswith("proj.weight") and "gate.weight" not in k:
-                q, s = block_fp8(w)
+                q, s = block_fp8(w, block)
                 stored[k], stored[k.removesuffix("weight") + "weight_scale_inv"] = q, s
-                expected[k] = dequant(q, s)
+                expected[k] = dequant(q, s, block)
             else:
                 stored[k] = w
         f.unlink()
     save_file(stored, folder / "model.safetensors")
     cfg = json.loads((folder / "config.json").read_text())
     cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                  "weight_block_size": [BLOCK, BLOCK]}
+                                  "weight_block_size": [block, block]}
     (folder / "config.json").write_text(json.dumps(cfg))
-    return folder, expected
+    return expected
+
+
+@pytest.fixture(scope="module")
+def fp8_deepseek(tmp_path_factory):
+    """A tiny DeepSeek-V3 whose decoder linears are stored in block-wise FP8 (experts included)."""
+    folder = tmp_path_factory.mktemp("fp8") / "tiny-dsv3-fp8"
+    make_model("deepseek_v3").save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    return folder, write_block_fp8(folder)
 
 
 def _config(make_config, folder, tmp_path, **model):

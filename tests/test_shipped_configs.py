@@ -79,6 +79,8 @@ def _overrides(raw: dict, model: str) -> list[str]:
         key = f"stages.{i}" if "stages" in raw else "quant"
         if "epochs" in quant.get("special", {}):
             sets.append(f"{key}.special.epochs=1")
+        if "iters" in quant.get("special", {}):  # SignRound: signed-gradient steps per block
+            sets.append(f"{key}.special.iters=2")
         if "iterations" in quant.get("special", {}):  # TesseraQ: steps per threshold
             sets.append(f"{key}.special.iterations=2")
         if quant.get("weight", {}).get("granularity") == "per_group":

@@ -51,7 +51,7 @@ def family_config(family: str):
         "deepseek_v3": lambda: t.DeepseekV3Config(
             n_routed_experts=EXPERTS, n_shared_experts=1, moe_intermediate_size=EXPERT_WIDTH, first_k_dense_replace=1,
             q_lora_rank=384, kv_lora_rank=256, qk_rope_head_dim=32, qk_nope_head_dim=64, v_head_dim=64, n_group=1,
-            topk_group=1, **moe),
+            topk_group=1, **{**moe, "num_key_value_heads": HEADS}),  # MLA: one latent per head
     }
     return make[family]()
 

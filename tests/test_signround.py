@@ -213,3 +213,20 @@ def test_compiled_training_forward_gives_the_eager_result():
     assert compiled == pytest.approx(eager, rel=1e-3)
     same = [torch.equal(a.int_weight(), b.int_weight()) for (_, a), (_, b) in zip(quant_linears(m1), quant_linears(m2))]
     assert sum(same) >= len(same) - 1  # float summation order may flip a sign of a near-zero gradient
+
+
+def test_compile_without_a_cpu_compiler_runs_eagerly_and_says_so(monkeypatch):
+    import shutil as sh
+
+    from loguru import logger
+
+    messages = []
+    handle = logger.add(lambda m: messages.append(str(m)), level="WARNING")
+    monkeypatch.setattr(sh, "which", lambda name: None)
+    try:
+        error, _ = _logit_error(SignRound(W3, None, SignRoundOptions(iters=2, batch_size=4, enable_torch_compile=True)))
+    finally:
+        logger.remove(handle)
+    eager, _ = _logit_error(SignRound(W3, None, SignRoundOptions(iters=2, batch_size=4)))
+    assert error == pytest.approx(eager, rel=1e-6)
+    assert any("no C++ compiler" in m or "none is on PATH" in m for m in messages)

@@ -11,6 +11,7 @@ exporter packs it as it packs GPTQ's.
 """
 from __future__ import annotations
 
+import shutil
 from dataclasses import replace
 from typing import Optional
 
@@ -185,8 +186,13 @@ class SignRound(Algorithm):
         params = [p for ps, _ in groups for p in ps]
         self._forward = job.block
         if opts.enable_torch_compile:
-            # One compiled graph serves every block (parameters are graph inputs), so only the first pays.
-            self._forward = torch.compile(job.block)
+            if ctx.device.type == "cpu" and not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+                if job.index == 0:
+                    logger.warning("SignRound: enable_torch_compile needs a C++ compiler on CPU and none is on PATH; "
+                                   "the training forward runs eagerly (same result, slower)")
+            else:
+                # One compiled graph serves every block (parameters are graph inputs), so only the first pays.
+                self._forward = torch.compile(job.block)
         owned, n = sample_ids(job)
         # Every process draws the same global mini-batches (seeded by block) and works on the samples it
         # holds: the summed squared errors and gradients are one process's, whatever the process count.

@@ -67,6 +67,22 @@ def unpack(words, bits, dim):
     return values.movedim(-1, dim)
 
 
+def assert_packed_exports_hold(model, folder, group: int, bits: int = 4) -> None:
+    """The AutoAWQ and GPTQ files llmc wrote under `folder` unpack to every QuantLinear's fake-quant weight bit
+    for bit (learned methods leave ordinary grids, so their exports must too)."""
+    autoawq.save(model, make_tokenizer(), folder / "awq")
+    gptq_format.save(model, make_tokenizer(), folder / "gptq")
+    awq, _ = read(folder / "awq")
+    gptq, cfg = read(folder / "gptq")
+    for name, q in quant_linears(model):
+        fake = q.fake_weight().detach()
+        w, _, _ = awq_dequant({k: awq[f"{name}.{k}"] for k in ("qweight", "qzeros", "scales")}, group)
+        assert torch.equal(w, fake), name
+        wg = gptq_dequant({k: gptq[f"{name}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")}, bits,
+                          cfg["quantization_config"]["checkpoint_format"])[0]
+        assert torch.equal(wg, fake), name
+
+
 def fake(q):
     return q.fake_weight().detach()
 

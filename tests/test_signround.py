@@ -179,8 +179,8 @@ def test_exports_of_a_signround_model_hold_its_codes(tmp_path):
     auto-round stores them)."""
     from transformers import AutoModelForCausalLM
 
-    from llmc.export import autoawq, compressed, gptq_format
-    from test_export_packed import awq_dequant, gptq_dequant, read
+    from llmc.export import compressed
+    from test_export_packed import assert_packed_exports_hold
     from tiny import make_tokenizer
 
     args = QuantArgs(bit=4, symmetric=False, granularity="per_group", group_size=32, scale_dtype="float16")
@@ -190,20 +190,10 @@ def test_exports_of_a_signround_model_hold_its_codes(tmp_path):
                     _batches(model, 2, 2), set(), RunContext(), quant_out=True)
     ids = torch.randint(0, 384, (2, 24), generator=torch.Generator().manual_seed(1))
     compressed.save(model, make_tokenizer(), tmp_path / "ct")
-    autoawq.save(model, make_tokenizer(), tmp_path / "awq")
-    gptq_format.save(model, make_tokenizer(), tmp_path / "gptq")
     with torch.no_grad():
         got = AutoModelForCausalLM.from_pretrained(tmp_path / "ct").eval()(ids).logits
         assert torch.allclose(got, model(ids).logits, atol=1e-5, rtol=0)
-    awq, _ = read(tmp_path / "awq")
-    gptq, cfg = read(tmp_path / "gptq")
-    for name, q in quant_linears(model):
-        fake = q.fake_weight().detach()
-        w, _, _ = awq_dequant({k: awq[f"{name}.{k}"] for k in ("qweight", "qzeros", "scales")}, 32)
-        assert torch.equal(w, fake), name
-        wg = gptq_dequant({k: gptq[f"{name}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")}, 4,
-                          cfg["quantization_config"]["checkpoint_format"])[0]
-        assert torch.equal(wg, fake), name
+    assert_packed_exports_hold(model, tmp_path, group=32)
 
 
 def test_compiled_training_forward_gives_the_eager_result():

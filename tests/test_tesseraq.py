@@ -139,8 +139,7 @@ def test_block_error_is_below_round_to_nearest_and_zero_iterations_is_rtn():
 
 def test_exports_hold_tesseraqs_codes(tmp_path):
     """The AutoAWQ and GPTQ files unpack to the fake-quant weights bit for bit (float16 scales)."""
-    from llmc.export import autoawq, gptq_format
-    from test_export_packed import awq_dequant, gptq_dequant, read
+    from test_export_packed import assert_packed_exports_hold
     from tiny import make_tokenizer
 
     args = QuantArgs(bit=4, symmetric=False, granularity="per_group", group_size=32, scale_dtype="float16")
@@ -148,17 +147,7 @@ def test_exports_hold_tesseraqs_codes(tmp_path):
     algo = TesseraQ(args, None, TesseraQOptions(iterations=3, thresholds=[0.5, 0.1], scale_lr=1e-2))
     quantize_blocks(model, adapter_class("llama", None)(model), algo, _batches(model, 2, 2), set(), RunContext(),
                     quant_out=True)
-    autoawq.save(model, make_tokenizer(), tmp_path / "awq")
-    gptq_format.save(model, make_tokenizer(), tmp_path / "gptq")
-    awq, _ = read(tmp_path / "awq")
-    gptq, cfg = read(tmp_path / "gptq")
-    for name, q in quant_linears(model):
-        fake = q.fake_weight().detach()
-        w, _, _ = awq_dequant({k: awq[f"{name}.{k}"] for k in ("qweight", "qzeros", "scales")}, 32)
-        assert torch.equal(w, fake), name
-        wg = gptq_dequant({k: gptq[f"{name}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")}, 4,
-                          cfg["quantization_config"]["checkpoint_format"])[0]
-        assert torch.equal(wg, fake), name
+    assert_packed_exports_hold(model, tmp_path, group=32)
 
 
 # ---- AWQ → TesseraQ ---------------------------------------------------------------------------------

@@ -123,7 +123,7 @@ def run(config: Config, device: Optional[str] = None, config_path: Optional[str]
     stages = config.stage_configs()
     for stage in stages:
         if stage.calib is not None:
-            distributed.check_batch_size(stage.calib.bs, stage.calib.n_samples, shard.world)
+            parallel_batch_size(stage, shard.world)
     hf_config = load_hf_config(resolve_source(config.model.path, config.model.gguf_file))
     adapter_cls = adapter_class(getattr(hf_config, "model_type", None), config.model.type)
     for stage in stages:
@@ -152,14 +152,29 @@ def run(config: Config, device: Optional[str] = None, config_path: Optional[str]
         raise
 
 
+def parallel_batch_size(stage: Config, world: int) -> int:
+    """The stage's calib.bs under `world` processes (llmc/engine/distributed.py: batch_size)."""
+    algo_cls, _ = algorithm_options(stage)
+    act = stage.quant.act
+    # static activation ranges by percentile are averaged per batch: they depend on the batching
+    by_batch = act is not None and act.static and act.calib_algo != "minmax"
+    return distributed.batch_size(stage.calib.bs, stage.calib.n_samples, world, algo_cls.name,
+                                  algo_cls.batch_invariant and not by_batch)
+
+
 def calibration_batches(config: Config, stages: list[Config], tokenizer, ctx) -> list:
     """The calibration batches every stage shares (empty when no stage needs data)."""
     for stage in stages:
         algo_cls, options = algorithm_options(stage)
         wargs, aargs = QuantArgs.from_cfg(stage.quant.weight), QuantArgs.from_cfg(stage.quant.act)
         if algo_cls.needs_calibration(wargs, aargs, options):
+            bs = parallel_batch_size(stage, ctx.shard.world)
+            if bs != stage.calib.bs:
+                logger.info(f"calib.bs {stage.calib.bs} with {ctx.shard.world} processes: {algo_cls.name} sums its "
+                            f"statistics over samples, so the processes take them in batches of {bs} (the same "
+                            "result as one process)")
             with ctx.timed("calibration data"):
-                return batch_samples(load_calib_samples(stage.calib, tokenizer), stage.calib.bs)
+                return batch_samples(load_calib_samples(stage.calib, tokenizer), bs)
     return []
 
 

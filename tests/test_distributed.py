@@ -92,11 +92,37 @@ def test_rank_zero_alone_writes_and_logs(make_config, wiki_files, tmp_path):
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["fake_quant_model", "results.json", "results.md"]
 
 
-def test_batch_smaller_than_the_process_count_is_refused(make_config, wiki_files, tmp_path):
-    cfg = _config(make_config, wiki_files, tmp_path, "two", CASES["GPTQ"][0])
+def test_batch_smaller_than_the_process_count_is_refused_where_batching_matters(make_config, wiki_files, tmp_path):
+    cfg = _config(make_config, wiki_files, tmp_path, "two", CASES["OmniQuant"][0])
     proc = torchrun(2, "--config", cfg, "--set", "calib.bs=1")
     assert proc.returncode != 0
-    assert "calib.bs" in proc.stderr and "expected bs >= 2" in proc.stderr
+    assert "calib.bs" in proc.stderr and "expected bs >= 2" in proc.stderr and "OmniQuant" in proc.stderr
+
+
+def test_gptq_with_batches_of_one_runs_on_two_processes_as_on_one(make_config, wiki_files, tmp_path):
+    """LLMC's GPTQ configs say calib.bs: 1; the Hessian is a sum over samples, so two processes take
+    the samples two at a time and must give the one-process result."""
+    quant, min_equal = CASES["GPTQ"]
+    one = _config(make_config, wiki_files, tmp_path, "one", quant)
+    assert main(["--config", one, "--set", "calib.bs=1"]) == 0
+    two = _config(make_config, wiki_files, tmp_path, "two", quant)
+    proc = torchrun(2, "--config", two, "--set", "calib.bs=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "in batches of 2" in proc.stderr
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    same = sum(((a[k] - b[k]).abs() <= 1e-3 * a[k].abs().amax(1, keepdim=True)).sum().item() for k in a if a[k].dim() == 2)
+    assert same / sum(a[k].numel() for k in a if a[k].dim() == 2) >= min_equal
+
+
+@pytest.mark.parametrize("bs,n,world,want", [(4, 8, 2, 4), (-1, 8, 2, -1), (1, 8, 2, 2), (1, 9, 2, 3), (3, 8, 4, 4),
+                                             (1, 7, 3, 4)])
+def test_invariant_methods_get_the_smallest_batch_that_feeds_every_process(bs, n, world, want):
+    from llmc.engine.distributed import batch_size
+
+    got = batch_size(bs, n, world, "GPTQ", invariant=True)
+    assert got == want
+    size = n if got == -1 else got
+    assert all(min(size, n - start) >= world for start in range(0, n, size))  # every batch feeds every process
 
 
 def test_two_processes_resume_a_killed_run(make_config, wiki_files, tmp_path, monkeypatch):

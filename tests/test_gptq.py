@@ -215,3 +215,52 @@ def test_chunk_num_is_accepted_with_one_log_line():
         logger.remove(sink)
     lines = [m for m in seen if "chunk_num" in m]
     assert len(lines) == 1 and "chunk_num 4 only bounds memory" in lines[0]
+
+
+@pytest.mark.parametrize("opts", [GPTQOptions(), GPTQOptions(actorder=True), GPTQOptions(actorder=True, static_groups=True)],
+                         ids=["plain", "actorder", "static_groups"])
+@pytest.mark.parametrize("args", [QuantArgs(bit=3, symmetric=False, granularity="per_group", group_size=32,
+                                            calib_algo="mse"), QuantArgs(bit=4, granularity="per_channel")],
+                         ids=["g32-mse", "per_channel"])
+def test_stacked_solve_equals_each_linear_alone(args, opts):
+    """Linears sharing an input are solved as one matrix of their rows: each must get exactly its own GPTQ."""
+    from llmc.algorithms.gptq import stacked_gptq
+
+    torch.manual_seed(0)
+    X = torch.randn(512, 96)
+    X[:, 3] *= 8
+    H = 2 * X.T @ X / 512
+    weights = [torch.randn(rows, 96) for rows in (40, 24, 40)]
+    for W, got in zip(weights, stacked_gptq(weights, H.clone(), args, opts, "test")):
+        alone = gptq_quantize(W, H.clone(), args, opts)
+        for a, b in zip(got[:4], alone):
+            assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_hessian_sums_share_one_matrix_only_while_inputs_are_the_same_tensor():
+    from llmc.algorithms.hessian import HessianSums
+
+    torch.manual_seed(0)
+    xs = [torch.randn(2, 5, 8) for _ in range(3)]
+    other = [torch.randn(2, 5, 8) for _ in range(3)]
+    sums = HessianSums()
+    # a and b read one tensor in every batch; c and d read one in the first two, then different ones;
+    # e fires only in the last batch
+    for k, x in enumerate(xs):
+        sums.add("a", x)
+        sums.add("b", x)
+        sums.add("c", other[k])
+        sums.add("d", other[k] if k < 2 else other[k].clone() * 2)
+        if k == 2:
+            sums.add("e", x)
+        sums.end_batch()
+    H = sums.hessians(lambda t: t)
+
+    def direct(tensors):
+        rows = torch.cat([t.reshape(-1, 8) for t in tensors])
+        return 2 * rows.T @ rows / rows.shape[0]
+
+    assert H["a"] is H["b"] and H["c"] is not H["d"] and H["e"] is not H["a"]
+    for name, want in (("a", direct(xs)), ("c", direct(other)), ("d", direct(other[:2] + [other[2] * 2])),
+                       ("e", direct(xs[2:]))):
+        assert torch.allclose(H[name], want, atol=1e-5), name

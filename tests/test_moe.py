@@ -163,11 +163,11 @@ def _hessian_rows(monkeypatch):
     rows = {}
     original = BlockJob.collect
 
-    def counting(self, names, fn):
+    def counting(self, names, fn, end_batch=None):
         def wrapped(name, x):
             rows[(self.index, name)] = rows.get((self.index, name), 0) + x.reshape(-1, x.shape[-1]).shape[0]
             fn(name, x)
-        return original(self, names, wrapped)
+        return original(self, names, wrapped, end_batch)
 
     monkeypatch.setattr(BlockJob, "collect", counting)
     return rows
@@ -198,6 +198,44 @@ def test_calibrate_all_experts_sets_what_each_expert_hessian_counts(monkeypatch,
         assert got == ([tokens] * 4 if all_experts else routed[i]), (i, got, routed[i])
         down = [rows[(i, f"mlp.experts.{e}.{adapter.expert_linears[2]}")] for e in range(4)]
         assert down == got
+
+
+@pytest.mark.parametrize("all_experts", [True, False])
+def test_expert_gptq_equals_each_expert_solved_alone(all_experts):
+    """Experts reading one input (every token, under calibrate_all_experts) share one Hessian and one
+    stacked solve; each expert's weight must still be exactly what GPTQ gives it alone, from the Hessian
+    of the tokens it reads, computed here from the float model's first MoE block."""
+    from llmc.algorithms.gptq import gptq_quantize
+
+    model, adapter = _unfused(_fused("qwen3_moe"))
+    first = _moe_blocks(adapter)[0]
+    assert first == 0  # its inputs are the embeddings, which no quantization changes
+    batches = _batches(n=8, seq=32)
+    block = adapter.block_list()[0]
+    gate, up, _ = adapter.expert_linears
+    inputs = {e: [] for e in range(4)}
+    idx = []
+    hooks = [block.mlp.gate.register_forward_hook(lambda m, i, out: idx.append(out[2].reshape(-1, 2))),
+             block.mlp.register_forward_pre_hook(lambda m, i: inputs.setdefault("x", []).append(i[0]))]
+    _logits(model, batches)
+    for h in hooks:
+        h.remove()
+    x = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs["x"]]).float()
+    chosen = torch.cat(idx)
+    args = QuantArgs.from_cfg(_spec(W4))
+    opts = GPTQOptions(true_sequential=False, actorder=True)
+    want = {}
+    for e in range(4):
+        xe = x if all_experts else x[(chosen == e).any(-1)]
+        H = 2 * xe.T @ xe / xe.shape[0]
+        for name in (gate, up):
+            W = block.mlp.experts[e].get_submodule(name).weight.detach()
+            want[(e, name)] = gptq_quantize(W, H.clone(), args, opts)[0]
+    quantize_blocks(model, adapter, GPTQ(args, None, opts), batches, set(), RunContext(), False,
+                    all_experts=all_experts)
+    for (e, name), Q in want.items():
+        got = adapter.block_list()[0].mlp.experts[e].get_submodule(name).weight.detach()
+        assert torch.allclose(got, Q, atol=1e-5), (e, name, (got - Q).abs().max())
 
 
 def test_an_expert_without_routed_tokens_stops_routed_only_calibration():

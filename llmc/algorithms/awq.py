@@ -64,6 +64,7 @@ class Awq(Algorithm):
     folds = True
     Options = AwqOptions
     data_driven = True
+    batch_invariant = True
     weight_calib_algos = ("learnable",)  # clips kept in the quantizer (not the weight) for OmniQuant's LWC
 
     def __init__(self, wargs: Optional[QuantArgs], aargs: Optional[QuantArgs], options: AwqOptions):

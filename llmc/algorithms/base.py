@@ -35,6 +35,9 @@ class Algorithm:
     Options: ClassVar[type[Options]] = Options
     needs_targets: ClassVar[bool] = False   # wants the float block's outputs on the calibration data
     data_driven: ClassVar[bool] = False     # always needs calibration data (GPTQ, AWQ), not only for static acts
+    # The result depends on the calibration samples, not on how they are batched (sums and maxima over
+    # tokens): data parallel may deal the samples out in larger batches than calib.bs.
+    batch_invariant: ClassVar[bool] = False
     weight_calib_algos: ClassVar[tuple[str, ...]] = ()  # weight range algorithms beyond minmax and mse
     # Changes float weights only by equivalent transformations (folds), so the engine checks the whole
     # block against its float output after `apply` (AWQ's v1 clip and GPTQ change weights by design).

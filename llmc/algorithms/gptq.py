@@ -24,6 +24,7 @@ from loguru import logger
 from pydantic import Field
 
 from llmc.algorithms.base import Algorithm, Options
+from llmc.algorithms.hessian import HessianSums, add_gram, symmetric_gram  # noqa: F401 (re-exported)
 from llmc.errors import ConfigError
 from llmc.quant.quantizer import QuantArgs, bind_global, calibrate, dequantize, fake_quant, quantize
 from llmc.registry import ALGORITHMS
@@ -46,35 +47,6 @@ class GPTQOptions(Options):
     # record, or kept from an earlier Quarot stage); checked against it (llmc/algorithms/quarot.py).
     online_rotate: bool = False
     fp32_had: bool = False
-
-
-GRAM_CHUNK = 192  # column block of the symmetric accumulation (fastest measured for 576 and 1536 inputs)
-
-
-def add_gram(total: torch.Tensor, x: torch.Tensor) -> None:
-    """total += xᵀx on its upper block triangle only (the lower is mirrored by `symmetric_gram`): the
-    Hessian is symmetric, so this skips up to half the float32 multiply-adds of the full product."""
-    d = x.shape[1]
-    if d <= GRAM_CHUNK:
-        total.addmm_(x.T, x)
-        return
-    for start in range(0, d, GRAM_CHUNK):
-        stop = min(start + GRAM_CHUNK, d)
-        total[start:stop, start:].addmm_(x[:, start:stop].T, x[:, start:])
-
-
-def symmetric_gram(total: torch.Tensor) -> torch.Tensor:
-    """The full matrix from an `add_gram` accumulator, in place: its upper triangle mirrored (the blocks
-    below the diagonal blocks were never written). In place because down_proj's is 127 MB on a 1B model."""
-    d = total.shape[0]
-    if d <= GRAM_CHUNK:
-        return total
-    for start in range(0, d, GRAM_CHUNK):
-        stop = min(start + GRAM_CHUNK, d)
-        diagonal = total[start:stop, start:stop]
-        diagonal.copy_(torch.triu(diagonal) + torch.triu(diagonal, 1).T)
-        total[stop:, start:stop] = total[start:stop, stop:].T
-    return total
 
 
 def inverse_hessian_factor(H: torch.Tensor, percdamp: float, where: str = "") -> torch.Tensor:
@@ -110,6 +82,22 @@ def weak_columns(W: torch.Tensor, H: torch.Tensor, n_out: int, args: QuantArgs, 
         per_row = replace(args, granularity="per_channel", group_size=-1)
         score = score * (W.float() - fake_quant(W.float(), per_row)).pow(2).sum(dim=0)
     return torch.sort(torch.argsort(score, descending=True, stable=True)[:n_out]).values
+
+
+STACK_ELEMENTS = 1 << 25  # weights of one stacked solve (128 MB in float32; the solve holds a few copies)
+
+
+def stacked_gptq(weights: list[torch.Tensor], H: torch.Tensor, args: QuantArgs, opts: GPTQOptions, where: str
+                 ) -> list[tuple]:
+    """GPTQ of linears sharing one Hessian as one matrix of their stacked rows: a row's updates involve
+    only that row and H, so each linear gets its own GPTQ result, from one factorisation and one column
+    loop. Returns (Q, scale, zero, g_idx, None) per weight, as gptq_quantize lays them out."""
+    rows = [w.shape[0] for w in weights]
+    Q, scale, zero, g_idx = gptq_quantize(torch.cat([w.float() for w in weights]), H, args, opts, where)
+    total = sum(rows)
+    parts = zip(Q.split(rows), scale.reshape(total, -1).split(rows), zero.reshape(total, -1).split(rows))
+    flat = (lambda t: t) if g_idx is not None else (lambda t: t.reshape(-1, 1))
+    return [(q, flat(s), flat(z), g_idx, None) for q, s, z in parts]
 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, args: QuantArgs, opts: GPTQOptions, where: str = "",
@@ -213,6 +201,7 @@ class GPTQ(Algorithm):
     Options = GPTQOptions
 
     data_driven = True
+    batch_invariant = True
 
     @classmethod
     def check(cls, config) -> None:
@@ -259,56 +248,92 @@ class GPTQ(Algorithm):
                         "that many token chunks, the same sum); llmc sums it in column blocks and ignores chunk_num")
 
     def hessians(self, job, inputs: list[str]) -> dict[str, torch.Tensor]:
-        sums: dict[str, torch.Tensor] = {}
-        counts: dict[str, int] = {}
+        """Each input's H; inputs fed the same tensor get the same H object (llmc/algorithms/hessian.py)."""
+        sums = HessianSums()
+        job.collect(inputs, sums.add, sums.end_batch)
+        return sums.hessians(job.ctx.reduce)
 
-        def add(name: str, x: torch.Tensor) -> None:
-            x = x.reshape(-1, x.shape[-1]).float()
-            if name not in sums:
-                sums[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
-                counts[name] = 0
-            add_gram(sums[name], x)
-            counts[name] += x.shape[0]
-
-        job.collect(inputs, add)
-        out = {}
-        for name, total in sums.items():
-            n = job.ctx.reduce(torch.tensor(float(counts[name]), device=total.device))
-            out[name] = symmetric_gram(job.ctx.reduce(total)).mul_(2 / n)
-        return out
+    def stages(self, job) -> list[list]:
+        """Subsets quantized together: one at a time under true_sequential, except subsets beside the
+        previous one (experts' down projections), which read nothing it writes; else all at once."""
+        if not self.options.true_sequential:
+            return [list(job.subsets)]
+        stages: list[list] = []
+        for subset in job.subsets:
+            if stages and subset.beside_previous:
+                stages[-1].append(subset)
+            else:
+                stages.append([subset])
+        return stages
 
     def apply(self, job, targets):
         opts: GPTQOptions = self.options
-        stages = [[s] for s in job.subsets] if opts.true_sequential else [list(job.subsets)]
         installed = {}
-        for stage in stages:
-            stage = [s for s in stage if job.quantized_layers(s)]
-            if not stage:
+        for stage in self.stages(job):
+            names = [n for s in stage for n in job.quantized_layers(s)]
+            if not names:
                 continue
             # each linear's own input (an expert's: the tokens it calibrates on)
-            uses = Counter(s.input_of(n) for s in stage for n in job.quantized_layers(s))
-            H = self.hessians(job, list(uses))
-            # each Hessian is handed over (and freed) with the last linear that reads it
-            for subset in stage:
-                for name in job.quantized_layers(subset):
-                    q = self.install(job, name)
-                    owner = job.ctx.owner(len(installed))  # data-parallel: one rank solves, all receive
-                    source = subset.input_of(name)
-                    uses[source] -= 1
-                    last = uses[source] == 0
-                    found = None
-                    if job.ctx.shard.rank == owner:
-                        keep = self.weak_columns(job, name, q.weight.data, H[source])
-                        found = (*gptq_quantize(q.weight.data, H.pop(source) if last else H[source].clone(),
-                                                q.wargs, opts, job.full_name(name), keep), keep)
-                    elif last:
-                        del H[source]
-                    Q, scale, zero, g_idx, keep = job.ctx.share(found, owner)
+            source = {n: s.input_of(n) for s in stage for n in job.quantized_layers(s)}
+            H = self.hessians(job, sorted(set(source.values())))
+            qs = {name: self.install(job, name) for name in names}
+            groups = self.solve_groups(qs, {n: H[source[n]] for n in names})
+            uses = Counter(id(H[source[g[0]]]) for g in groups)
+
+            def take(name: str) -> torch.Tensor:
+                """The name's H for one solve: a copy while a later solve reads it, else the one (whose
+                references are dropped, so the solve can free it once its factor exists)."""
+                hessian = H[source[name]]
+                uses[id(hessian)] -= 1
+                if uses[id(hessian)]:
+                    return hessian.clone()
+                for key in [k for k, v in H.items() if v is hessian]:
+                    del H[key]
+                return hessian
+
+            for group in groups:
+                owner = job.ctx.owner(len(installed))  # data-parallel: one rank solves, all receive
+                found = None
+                if job.ctx.shard.rank != owner:
+                    take(group[0])
+                elif len(group) == 1:
+                    q = qs[group[0]]
+                    keep = self.weak_columns(job, group[0], q.weight.data, H[source[group[0]]])
+                    found = [(*gptq_quantize(q.weight.data, take(group[0]), q.wargs, opts,
+                                             job.full_name(group[0]), keep), keep)]
+                else:
+                    where = f"{job.full_name(group[0])} and {len(group) - 1} more reading the same input"
+                    found = stacked_gptq([qs[n].weight.data for n in group], take(group[0]), qs[group[0]].wargs,
+                                         opts, where)
+                flat = job.ctx.share(tuple(t for one in found for t in one) if found else None, owner)
+                for k, name in enumerate(group):
+                    Q, scale, zero, g_idx, keep = flat[5 * k:5 * k + 5]
+                    q = qs[name]
                     q.weight.data.copy_(Q.to(q.weight.dtype))
                     q.set_weight_qparams(scale, zero, g_idx, float_cols=keep)
                     installed[name] = q
         self.calibrate_static_acts(job, installed)
         return {}
+
+    def solve_groups(self, qs: dict, hessians: dict[str, torch.Tensor]) -> list[list[str]]:
+        """The stage's linears (name → installed QuantLinear) in solves: linears reading the same input with
+        the same grid are stacked row-wise (up to STACK_ELEMENTS weights a solve), since GPTQ treats each
+        row on its own given H; a grid with a statistic over the whole tensor (per_tensor, NVFP4's global
+        scale) or OWQ's per-linear columns is solved alone."""
+        runs: dict[tuple, list[str]] = {}
+        order: list[list[str]] = []
+        for name, q in qs.items():
+            args, size = q.wargs, q.weight.numel()
+            alone = self.options.owq or args.granularity not in ("per_channel", "per_group") \
+                or args.quant_type == "nvfp4"
+            key = (id(hessians[name]), q.weight.shape[1], args)
+            run = runs.get(key)
+            if alone or run is None or sum(qs[n].weight.numel() for n in run) + size > STACK_ELEMENTS:
+                runs[key] = [name]
+                order.append(runs[key])
+            else:
+                run.append(name)
+        return order
 
     def weak_columns(self, job, name: str, W: torch.Tensor, H: torch.Tensor) -> Optional[torch.Tensor]:
         opts: GPTQOptions = self.options

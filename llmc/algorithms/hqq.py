@@ -75,6 +75,7 @@ def hqq_zeros(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, args: Q
 @ALGORITHMS.register("HQQ")
 class HQQ(Algorithm):
     name = "HQQ"
+    batch_invariant = True  # data only for static activations (their min/max)
     Options = HQQOptions
 
     @classmethod

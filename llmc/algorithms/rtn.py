@@ -9,6 +9,7 @@ from llmc.registry import ALGORITHMS
 @ALGORITHMS.register("RTN")
 class RTN(Algorithm):
     name = "RTN"
+    batch_invariant = True  # data only for static activations (their min/max)
 
     def apply(self, job, targets):
         qlinears = self.install_all(job)

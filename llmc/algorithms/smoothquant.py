@@ -60,6 +60,7 @@ class SmoothQuant(Algorithm):
     folds = True
     Options = SmoothQuantOptions
     data_driven = True
+    batch_invariant = True
 
     @classmethod
     def produces(cls, options: SmoothQuantOptions) -> set[str]:

@@ -135,9 +135,11 @@ class BlockJob:
             for h in handles:
                 h.remove()
 
-    def collect(self, names: list[str], fn: Callable[[str, torch.Tensor], None]) -> None:
+    def collect(self, names: list[str], fn: Callable[[str, torch.Tensor], None],
+                end_batch: Optional[Callable[[], None]] = None) -> None:
         """Call fn(name, input) for the named submodules over every calibration batch, cutting each block
-        forward short once all of them have fired (what follows them is not needed)."""
+        forward short once all of them have fired (what follows them is not needed); end_batch() after
+        each batch."""
         seen: set[str] = set()
 
         def pre_hook(name: str, x: torch.Tensor) -> None:
@@ -156,6 +158,8 @@ class BlockJob:
                         self.block(h.to(self.ctx.device), *args, **kwargs)
                     except _Enough:
                         pass
+                    if end_batch is not None:
+                        end_batch()
         finally:
             for handle in handles:
                 handle.remove()

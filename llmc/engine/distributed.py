@@ -49,18 +49,29 @@ def init(device: torch.device) -> tuple[Shard, torch.device]:
     return Shard(rank, world), device
 
 
-def check_batch_size(bs: int, n_samples: int, world: int) -> None:
-    """Every batch, the last one included, must give each process at least one sample."""
+def batch_size(bs: int, n_samples: int, world: int, methods: str = "", invariant: bool = False) -> int:
+    """The calibration batch size the processes use: `bs` when every batch, the last one included, gives
+    each process at least one sample. Otherwise, when the `methods`' results do not depend on how samples
+    are batched (`invariant`: sums and maxima over tokens), the smallest larger size that feeds every
+    process in every batch, with the same result; else a ConfigError."""
     if world == 1:
-        return
-    bs = n_samples if bs == -1 else min(bs, n_samples)  # -1: all samples in one batch
+        return bs
+    given, bs = bs, n_samples if bs == -1 else min(bs, n_samples)  # -1: all samples in one batch
     last = n_samples % bs or bs
+    if bs >= world and last >= world:
+        return given
+    if invariant and n_samples >= world:
+        wide = max(bs, world)
+        while n_samples % wide and n_samples % wide < world:
+            wide += 1
+        return min(wide, n_samples)
     if bs < world:
         raise ConfigError("calib.bs", f"{bs} with {world} processes: each process takes a share of every "
-                          f"calibration batch; expected bs >= {world} (a multiple of {world} keeps the shares even)")
-    if last < world:
-        raise ConfigError("calib.n_samples", f"{n_samples} in batches of {bs} leaves a last batch of {last}, "
-                          f"fewer than the {world} processes; expected a multiple of {bs}")
+                          f"calibration batch; expected bs >= {world} (a multiple of {world} keeps the shares even)"
+                          + (f" ({methods} as configured depends on how the samples are batched)"
+                             if methods else ""))
+    raise ConfigError("calib.n_samples", f"{n_samples} in batches of {bs} leaves a last batch of {last}, "
+                      f"fewer than the {world} processes; expected a multiple of {bs}")
 
 
 def shard_batches(batches: list[torch.Tensor], shard: Shard) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

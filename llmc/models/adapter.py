@@ -28,6 +28,9 @@ class Subset:
     # Per layer, the module whose input is that layer's own input when it differs from `input` (an expert
     # reads only the tokens routed to it); empty: every layer reads `input`.
     layer_inputs: tuple[str, ...] = ()
+    # Reads nothing the previous subset's layers write (the next expert's down beside this one's): a
+    # sequential pass may calibrate the two from one block forward.
+    beside_previous: bool = False
 
     def input_of(self, layer: str) -> str:
         return self.layer_inputs[self.layers.index(layer)] if self.layer_inputs else self.input

@@ -194,10 +194,11 @@ class MoeAdapter(Adapter):
         subsets = [*self.attention_subsets,
                    Subset(layers=tuple(layers), prev_op="post_attention_layernorm", input=self.mlp,
                           inspect=self.mlp, readers=readers, layer_inputs=tuple(inputs))]
-        for prefix, (g, u, d) in [(f"{self.experts}.{e}", (gate, up, down)) for e in range(len(experts))] + (
-                [(shared, ("gate_proj", "up_proj", "down_proj"))] if shared else []):
+        for k, (prefix, (g, u, d)) in enumerate(
+                [(f"{self.experts}.{e}", (gate, up, down)) for e in range(len(experts))] + (
+                    [(shared, ("gate_proj", "up_proj", "down_proj"))] if shared else [])):
             subsets.append(Subset(layers=(f"{prefix}.{d}",), prev_op=f"{prefix}.{u}", input=f"{prefix}.{d}",
-                                  inspect=f"{prefix}.{d}"))
+                                  inspect=f"{prefix}.{d}", beside_previous=k > 0))
         return subsets
 
 

@@ -269,6 +269,7 @@ class GPTQ(Algorithm):
                 counts[name] = 0
             add_gram(sums[name], x)
             counts[name] += x.shape[0]
+            self.observe(name, x)
 
         job.collect(inputs, add)
         out = {}
@@ -276,6 +277,9 @@ class GPTQ(Algorithm):
             n = job.ctx.reduce(torch.tensor(float(counts[name]), device=total.device))
             out[name] = symmetric_gram(job.ctx.reduce(total)).mul_(2 / n)
         return out
+
+    def observe(self, source: str, x: torch.Tensor) -> None:
+        """Sees every calibration input [tokens, features] the Hessians are built from (QUIK's feature peaks)."""
 
     def apply(self, job, targets):
         opts: GPTQOptions = self.options

@@ -190,3 +190,25 @@ def test_fp_features_is_required(make_config, wiki_files, capsys):
     open(path, "w").write(yaml.safe_dump(raw))
     assert main(["--config", path]) == 2
     assert "fp_features" in capsys.readouterr().err
+
+
+def test_static_act_range_leaves_out_the_float_features():
+    q = QuantLinear(torch.nn.Linear(16, 4), None, QuantArgs(bit=8, granularity="per_tensor", static=True))
+    q.set_act_float_cols(torch.tensor([2, 9]))
+    torch.manual_seed(1)
+    x = torch.randn(2, 5, 16)
+    x[..., [2, 9]] *= 100
+    q.act_quant.observing = True
+    with torch.no_grad():
+        q(x)
+    q.act_quant.observing = False
+    q.act_quant.finish_observation({k: v for k, (v, _) in q.act_quant.observed_stats().items()})
+    rest = [c for c in range(16) if c not in (2, 9)]
+    step = x[..., rest].abs().max() / 127.5
+    assert q.act_quant.scale.item() == pytest.approx(step.item(), rel=1e-6)
+    with torch.no_grad():
+        got = q(x)
+    xq = x.clone()
+    xq[..., rest] = torch.clamp(torch.round(x[..., rest] / step), -128, 127) * step
+    torch.testing.assert_close(got, q.weight.detach().matmul(xq.unsqueeze(-1)).squeeze(-1) + q.bias.detach(),
+                               rtol=1e-5, atol=1e-5)

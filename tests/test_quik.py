@@ -170,6 +170,7 @@ def test_last_fc_bit_sets_down_proj_bits(make_config, wiki_files, tmp_path):
     ({"fp_feature": 8}, None, None, ["fp_feature", "fp_features"]),
     ({"owq": True}, None, None, ["quant.special.owq", "QUIK"]),
     ({"last_fc_bit": 12}, None, None, ["last_fc_bit"]),
+    ({"static_groups": True}, None, None, ["quant.special.static_groups", "QUIK"]),
     ({}, {"bit": 8, "granularity": "per_group", "group_size": 16}, None, ["quant.act.granularity", "per_token"]),
     ({}, None, {"save_vllm": True}, ["save.save_vllm", "QUIK"]),
 ])

@@ -74,6 +74,9 @@ class QUIK(GPTQ):
         if opts.last_fc_bit is not None and q.weight.quant_type != "int-quant":
             raise ConfigError("quant.special.last_fc_bit", f"{opts.last_fc_bit} with weight quant_type "
                               f"{q.weight.quant_type}: it sets integer bits; remove it or use int-quant weights")
+        if opts.static_groups and opts.fp_features:
+            raise ConfigError("quant.special.static_groups", "True with QUIK: its groups are formed over the columns "
+                              "it quantizes, after setting the float ones aside; set static_groups: False")
         packed = [k for k in PACKED if getattr(config.save, k)]
         if packed and opts.fp_features:
             raise ConfigError(f"save.{packed[0]}", "QUIK's float input features cannot be stored by packed formats "

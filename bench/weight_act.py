@@ -1,7 +1,7 @@
 """Weight-activation quantization and KV cache on SmolLM2-135M (issue: SmoothQuant, W8A8/W6A6/W4A4, KV):
 per-channel symmetric weights, per-token dynamic symmetric activations (asymmetric where the label says
-"act asym"), SmoothQuant calibrated on 128 x 512 tokens of wiki.valid.tokens; PPL on the first 40 x 2048
-windows of wiki.test.raw.
+"act asym"), SmoothQuant and QUIK calibrated on 128 x 512 tokens of wiki.valid.tokens (LLM.int8() is
+data-free); PPL on the first 40 x 2048 windows of wiki.test.raw.
 
     python bench/weight_act.py [--redo] [--only LABEL ...]   # writes bench/results/weight_act_smollm2.{json,md}
 """
@@ -11,12 +11,15 @@ from common import table_main
 
 NAME = "weight_act_smollm2"
 TITLE = ("SmolLM2-135M-Instruct, weights per-channel sym, activations per-token dynamic sym (asym where the "
-         "label says act asym), SmoothQuant calib "
+         "label says act asym), SmoothQuant/QUIK calib "
          "128 x 512 wiki.valid.tokens, PPL on wiki.test.raw first 40 x 2048, CPU (2 cores), llmc `bench/weight_act.py`")
 RTN = "configs/quantization/methods/RTN/rtn_w_a.yml"
 SQ = "configs/quantization/methods/SmoothQuant/smoothquant_w_a.yml"
 SQ_SEARCH = "configs/quantization/methods/SmoothQuant/smoothquant_w_a_search.yml"  # grid 0.4..0.9, all subsets
 KV = "configs/quantization/methods/KVQuant/rtn_w_a_naive_quant_kv.yml"
+QUIK = "configs/quantization/methods/QUIK/quik_w_a.yml"      # 32 float input features per linear, GPTQ weights
+QUIK_4 = "configs/quantization/methods/QUIK/quik_w4a4.yml"   # the same at W4A4 with down_proj at 8 bits
+LLMINT8 = "configs/quantization/methods/LlmInt8/llmint8_w_only.yml"  # threshold 6, data-free
 EVAL = ["eval.num_samples=40", "eval.seq_len=2048", "eval.eval_pos=[fake_quant]"]
 
 
@@ -40,6 +43,14 @@ ROWS = {
     "RTN W8A8 + KV int8 per-token": (KV, []),
     "RTN W8A8 + KV int4 per-token": (KV, ["quant.kvcache.bit=4"]),
     "RTN W8A8 + KV int4 per-head": (KV, ["quant.kvcache.bit=4", "quant.kvcache.granularity=per_head"]),
+    # QUIK: the 32 features of largest calibration peak per linear stay float (weights and activations), the
+    # rest GPTQ / per-token; last_fc_bit set to the row's bits except where the label says down_proj 8-bit.
+    "QUIK W8A8": (QUIK, bits(8)),
+    "QUIK W6A6": (QUIK, bits(6) + ["quant.special.last_fc_bit=6"]),
+    "QUIK W4A4": (QUIK, bits(4) + ["quant.special.last_fc_bit=4"]),
+    "QUIK W4A4, down_proj 8-bit (the paper's)": (QUIK_4, []),
+    # LLM.int8(): features with any |x| >= 6 in a forward computed in float, the rest int8, decided per input
+    "LLM.int8() W8A8 (threshold 6)": (LLMINT8, []),
     "FP": (RTN, ["eval.eval_pos=[pretrain]"]),
 }
 

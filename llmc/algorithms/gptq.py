@@ -250,7 +250,12 @@ class GPTQ(Algorithm):
     def hessians(self, job, inputs: list[str]) -> dict[str, torch.Tensor]:
         """Each input's H; inputs fed the same tensor get the same H object (llmc/algorithms/hessian.py)."""
         sums = HessianSums()
-        job.collect(inputs, sums.add, sums.end_batch)
+
+        def add(name: str, x: torch.Tensor) -> None:
+            sums.add(name, x)
+            self.observe(name, x.reshape(-1, x.shape[-1]))
+
+        job.collect(inputs, add, sums.end_batch)
         return sums.hessians(job.ctx.reduce)
 
     def stages(self, job) -> list[list]:
@@ -266,6 +271,9 @@ class GPTQ(Algorithm):
                 stages.append([subset])
         return stages
 
+    def observe(self, source: str, x: torch.Tensor) -> None:
+        """Sees every calibration input [tokens, features] the Hessians are built from (QUIK's feature peaks)."""
+
     def apply(self, job, targets):
         opts: GPTQOptions = self.options
         installed = {}
@@ -277,7 +285,8 @@ class GPTQ(Algorithm):
             source = {n: s.input_of(n) for s in stage for n in job.quantized_layers(s)}
             H = self.hessians(job, sorted(set(source.values())))
             qs = {name: self.install(job, name) for name in names}
-            groups = self.solve_groups(qs, {n: H[source[n]] for n in names})
+            keeps = {n: self.weak_columns(job, n, qs[n].weight.data, H[source[n]]) for n in names}
+            groups = self.solve_groups(qs, {n: H[source[n]] for n in names}, keeps)
             uses = Counter(id(H[source[g[0]]]) for g in groups)
 
             def take(name: str) -> torch.Tensor:
@@ -297,8 +306,7 @@ class GPTQ(Algorithm):
                 if job.ctx.shard.rank != owner:
                     take(group[0])
                 elif len(group) == 1:
-                    q = qs[group[0]]
-                    keep = self.weak_columns(job, group[0], q.weight.data, H[source[group[0]]])
+                    q, keep = qs[group[0]], keeps[group[0]]
                     found = [(*gptq_quantize(q.weight.data, take(group[0]), q.wargs, opts,
                                              job.full_name(group[0]), keep), keep)]
                 else:
@@ -315,16 +323,16 @@ class GPTQ(Algorithm):
         self.calibrate_static_acts(job, installed)
         return {}
 
-    def solve_groups(self, qs: dict, hessians: dict[str, torch.Tensor]) -> list[list[str]]:
+    def solve_groups(self, qs: dict, hessians: dict[str, torch.Tensor], keeps: dict) -> list[list[str]]:
         """The stage's linears (name → installed QuantLinear) in solves: linears reading the same input with
         the same grid are stacked row-wise (up to STACK_ELEMENTS weights a solve), since GPTQ treats each
         row on its own given H; a grid with a statistic over the whole tensor (per_tensor, NVFP4's global
-        scale) or OWQ's per-linear columns is solved alone."""
+        scale) or float columns of its own (`keeps`: OWQ, QUIK) is solved alone."""
         runs: dict[tuple, list[str]] = {}
         order: list[list[str]] = []
         for name, q in qs.items():
             args, size = q.wargs, q.weight.numel()
-            alone = self.options.owq or args.granularity not in ("per_channel", "per_group") \
+            alone = keeps[name] is not None or args.granularity not in ("per_channel", "per_group") \
                 or args.quant_type == "nvfp4"
             key = (id(hessians[name]), q.weight.shape[1], args)
             run = runs.get(key)

@@ -87,6 +87,11 @@ def _record_acts(swapped: list[tuple[str, QuantLinear]], prefix: str, record: di
             if q.act_quant.args.static:
                 scales[f"{name}.scale"] = q.act_quant.scale.contiguous().cpu()
                 scales[f"{name}.zero"] = q.act_quant.zero.contiguous().cpu()
+        if q.a_float_cols is not None:  # QUIK: features the act quantizer skips
+            entry["act_float_cols"] = q.a_float_cols.tolist()
+        if q.outlier_threshold is not None:  # LLM.int8(): float weight saved, quantized per input on load
+            entry["outlier_threshold"] = q.outlier_threshold
+            entry["weight_args"] = asdict(q.wargs) if q.wargs else None
         record[name] = entry
 
 
@@ -142,8 +147,9 @@ def save_streamed(model, tokenizer, path: str | Path, blocks: nn.ModuleList, blo
 
 
 def load_fake_quant(path: str | Path, dtype: torch.dtype = torch.float32):
-    """Load a `fake_quant_model/` folder: weights are already on their grid; online rotations (QuaRot),
-    activation quantizers and the KV-cache quantization are re-installed from the records so the model
+    """Load a `fake_quant_model/` folder: weights are already on their grid (LLM.int8()'s are float and
+    re-quantized per input); online rotations (QuaRot), activation quantizers (with QUIK's float features)
+    and the KV-cache quantization are re-installed from the records so the model
     computes what it computed in memory."""
     from transformers import AutoModelForCausalLM
 
@@ -161,10 +167,15 @@ def load_fake_quant(path: str | Path, dtype: torch.dtype = torch.float32):
         enable_kv_quant(model, adapter.attention_modules(), KVCacheCfg(**saved["kvcache"]))
     scales = load_file(str(path / ACT_SCALES)) if (path / ACT_SCALES).exists() else {}
     for name, entry in record.items():
-        if not entry.get("act"):
+        threshold = entry.get("outlier_threshold")
+        if not entry.get("act") and threshold is None:
             continue
-        q = QuantLinear(get_module(model, name), None, QuantArgs(**entry["act"]))
-        if q.act_quant.args.static:
+        wargs = QuantArgs(**entry["weight_args"]) if threshold is not None and entry.get("weight_args") else None
+        q = QuantLinear(get_module(model, name), wargs, QuantArgs(**entry["act"]) if entry.get("act") else None)
+        q.outlier_threshold = threshold
+        if entry.get("act_float_cols"):
+            q.set_act_float_cols(torch.tensor(entry["act_float_cols"]))
+        if q.act_quant is not None and q.act_quant.args.static:
             q.act_quant.scale, q.act_quant.zero = scales[f"{name}.scale"], scales[f"{name}.zero"]
         set_module(model, name, q)
     return model

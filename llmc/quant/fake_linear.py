@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmc.quant.hadamard import attach, rotation_of
-from llmc.quant.quantizer import (QuantArgs, bind_global, calibrate, dequantize, grouped, qparams_from_range, quant_dequant, quantize,
-                                  row_range)
+from llmc.quant.quantizer import (QuantArgs, bind_global, calibrate, dequantize, fake_quant, grouped, qparams_from_range,
+                                  quant_dequant, quantize, row_range)
 
 
 class ActQuantizer(nn.Module):
@@ -101,7 +101,10 @@ class QuantLinear(nn.Module):
         self.register_buffer("w_scale", None, persistent=False)
         self.register_buffer("w_zero", None, persistent=False)
         self.register_buffer("w_gidx", None, persistent=False)  # group of each input column (GPTQ act order)
-        self.register_buffer("w_float_cols", None, persistent=False)  # input columns kept float (OWQ)
+        self.register_buffer("w_float_cols", None, persistent=False)  # input columns kept float (OWQ, QUIK)
+        self.register_buffer("a_float_cols", None, persistent=False)  # input features the act quantizer skips (QUIK)
+        # LLM.int8(): input features with any |x| >= this are computed in float (weight columns too), per forward
+        self.outlier_threshold: Optional[float] = None
         self.w_axis = 1  # 0: the grid groups weight.T's rows, i.e. runs along output channels (HQQ axis 0)
         self.lwc: Optional[nn.Module] = None  # OmniQuant's learnable clipping while it trains
         self.quant_enabled = True
@@ -126,6 +129,10 @@ class QuantLinear(nn.Module):
         self.w_gidx = g_idx
         self.w_float_cols = float_cols
         self._cache = None
+
+    def set_act_float_cols(self, cols: Optional[torch.Tensor]) -> None:
+        """Keep these input features float in activation quantization (the others share its ranges)."""
+        self.a_float_cols = None if cols is None or len(cols) == 0 else cols.detach().long()
 
     def _oriented(self, w: torch.Tensor) -> torch.Tensor:
         return w.T if self.w_axis == 0 else w
@@ -180,9 +187,37 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.quant_enabled:
             return F.linear(x, self.weight, self.bias)
+        if self.outlier_threshold is not None:
+            return self._decomposed(x)
         if self.act_quant is not None:
-            x = self.act_quant(x)
+            x = self._quant_act(x, self.a_float_cols)
         return F.linear(x, self.fake_weight(), self.bias)
+
+    def _quant_act(self, x: torch.Tensor, float_cols: Optional[torch.Tensor]) -> torch.Tensor:
+        if float_cols is None:
+            return self.act_quant(x)
+        rest = torch.ones(x.shape[-1], dtype=torch.bool, device=x.device)
+        rest[float_cols.to(x.device)] = False
+        out = x.clone()
+        out[..., rest] = self.act_quant(x[..., rest])  # ranges from the quantized features only
+        return out
+
+    def _decomposed(self, x: torch.Tensor) -> torch.Tensor:
+        """LLM.int8()'s mixed-precision decomposition, fake-quantized: the input features holding any value
+        of magnitude >= outlier_threshold in this call, and their weight columns, stay float; the rest is
+        quantized (activations by the act quantizer, weights on a grid from the remaining columns only)."""
+        outlier = x.detach().reshape(-1, x.shape[-1]).abs().amax(dim=0) >= self.outlier_threshold
+        cols = torch.nonzero(outlier).flatten()
+        key = (self.weight.data_ptr(), self.weight._version, tuple(cols.tolist()))
+        if self._cache is None or self._cache_key != key:
+            w = self.weight.detach().clone()
+            rest = ~outlier
+            if self.wargs is not None and rest.any():
+                w[:, rest] = fake_quant(w[:, rest].float(), self.wargs).to(w.dtype)
+            self._cache, self._cache_key = w, key
+        if self.act_quant is not None:
+            x = self._quant_act(x, cols if len(cols) else None) if len(cols) < x.shape[-1] else x
+        return F.linear(x, self._cache, self.bias)
 
     def drop_cache(self) -> None:
         """Forget the cached fake-quantized weight (the block's tensors are leaving memory)."""
@@ -192,6 +227,8 @@ class QuantLinear(nn.Module):
         """A plain nn.Linear with the float or the fake-quantized weight (for saving)."""
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device="meta", dtype=self.weight.dtype)
+        # LLM.int8()'s weight grid depends on each input: saved float, its settings recorded beside it
+        fake = fake and self.outlier_threshold is None
         linear.weight = nn.Parameter(self.fake_weight().detach().clone() if fake else self.weight.detach(),
                                      requires_grad=False)
         if self.bias is not None:

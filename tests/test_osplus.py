@@ -156,6 +156,20 @@ def test_pss_piecewise_search_is_the_brute_force_greedy_minimum():
     _check_folds(ref, got, found, z)
 
 
+def test_planted_outliers_osplus_and_pss_beat_rtn():
+    """Outlier channels in the norms: migrating them into the weights cuts q_proj's W8A6 output error."""
+    from llmc.algorithms.base import Options
+    from llmc.algorithms.rtn import RTN
+    from test_smoothquant import _planted, _q_proj_error
+
+    base = _planted()
+    ids = torch.randint(0, base.config.vocab_size, (2, 24))
+    a6 = QuantArgs(bit=6, symmetric=True, granularity="per_token")
+    rtn = _q_proj_error(copy.deepcopy(base), RTN(W8, a6, Options()), ids)
+    assert _q_proj_error(copy.deepcopy(base), OsPlus(W8, a6, OsPlusOptions()), ids) < 0.2 * rtn
+    assert _q_proj_error(copy.deepcopy(base), PSS(W8, a6, PSSOptions(k_piece=2)), ids) < 0.2 * rtn
+
+
 def test_kmeans_pieces_follow_the_magnitude_clusters():
     v = torch.tensor([0.9, 1.1, 50.0, 1.0, 10.0, 11.0, 52.0, 9.5])
     pieces = [sorted(p.tolist()) for p in kmeans_1d(v, 3)]

@@ -67,6 +67,23 @@ def test_shift_and_scale_keep_the_float_model(family, algo):
         assert "model.layers.1.self_attn.v_proj.weight" in changed
 
 
+@pytest.mark.parametrize("family", ["qwen2", "gemma2", "phi3"])
+def test_other_layouts_keep_the_float_model(family):
+    """Biased q/k/v behind an RMSNorm (no shift: the norm has no bias), Gemma's (1 + w) norm, fused
+    qkv_proj / gate_up_proj."""
+    model = make_model(family)
+    original = copy.deepcopy(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 20))
+    with torch.no_grad():
+        ref = model(ids).logits
+    _run(model, OsPlus(W8, A8, OsPlusOptions(smooth_all=True, search_batches=1)))
+    with torch.no_grad(), quant_disabled(model):
+        torch.testing.assert_close(model(ids).logits, ref, rtol=1e-4, atol=1e-4)
+    changed = [n for (n, p), (_, q) in zip(model.named_parameters(), original.named_parameters())
+               if not torch.equal(p, q)]
+    assert any("norm" in n for n in changed), changed  # something was folded
+
+
 def _fc1_setup(algo):
     """OPT block 0's fc1 (prev_op final_layer_norm, inspect fc1: a single linear): its float inputs, the
     reference norm and fc1, and the model after `algo` ran with float block inputs (quant_out False)."""

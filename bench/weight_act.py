@@ -1,7 +1,8 @@
 """Weight-activation quantization and KV cache on SmolLM2-135M (issue: SmoothQuant, W8A8/W6A6/W4A4, KV):
 per-channel symmetric weights, per-token dynamic symmetric activations (asymmetric where the label says
 "act asym"), SmoothQuant and QUIK calibrated on 128 x 512 tokens of wiki.valid.tokens (LLM.int8() is
-data-free); PPL on the first 40 x 2048 windows of wiki.test.raw.
+data-free); PPL on the first 40 x 2048 windows of wiki.test.raw. OsPlus and PSS take their ranges from the
+same 128 x 512 tokens (in batches of 1) and run their searches on the first 512 (`search_batches: 1`).
 
     python bench/weight_act.py [--redo] [--only LABEL ...]   # writes bench/results/weight_act_smollm2.{json,md}
 """
@@ -16,6 +17,8 @@ TITLE = ("SmolLM2-135M-Instruct, weights per-channel sym, activations per-token 
 RTN = "configs/quantization/methods/RTN/rtn_w_a.yml"
 SQ = "configs/quantization/methods/SmoothQuant/smoothquant_w_a.yml"
 SQ_SEARCH = "configs/quantization/methods/SmoothQuant/smoothquant_w_a_search.yml"  # grid 0.4..0.9, all subsets
+OSP = "configs/quantization/methods/OsPlus/osplus_w_a.yml"  # threshold search on the first 512 tokens
+PSS = "configs/quantization/methods/PSS/pss_w_a.yml"  # 3 pieces, all subsets, search on the first 512 tokens
 KV = "configs/quantization/methods/KVQuant/rtn_w_a_naive_quant_kv.yml"
 QUIK = "configs/quantization/methods/QUIK/quik_w_a.yml"      # 32 float input features per linear, GPTQ weights
 QUIK_4 = "configs/quantization/methods/QUIK/quik_w4a4.yml"   # the same at W4A4 with down_proj at 8 bits
@@ -30,9 +33,13 @@ def bits(n: int) -> list[str]:
 ROWS = {
     "RTN W8A8": (RTN, bits(8)),
     "SmoothQuant W8A8 (alpha 0.8)": (SQ, bits(8)),
+    "OsPlus W8A8": (OSP, bits(8)),
+    "PSS W8A8 (3 pieces, all subsets)": (PSS, bits(8)),
     "RTN W6A6": (RTN, bits(6)),
     "SmoothQuant W6A6 (alpha 0.8)": (SQ, bits(6)),
     "SmoothQuant W6A6 (alpha search, all subsets)": (SQ_SEARCH, bits(6)),
+    "OsPlus W6A6": (OSP, bits(6)),
+    "PSS W6A6 (3 pieces, all subsets)": (PSS, bits(6)),
     "RTN W4A4": (RTN, bits(4)),
     "SmoothQuant W4A4 (alpha 0.8)": (SQ, bits(4)),
     "SmoothQuant W4A4 (alpha search, all subsets)": (SQ_SEARCH, bits(4)),

@@ -1,5 +1,5 @@
 """Importing this package registers every algorithm."""
-from llmc.algorithms import (awq, gptq, hqq, normtweaking, omniquant, quarot, rtn, signround,  # noqa: F401
+from llmc.algorithms import (awq, dgq, gptq, hqq, normtweaking, omniquant, quarot, rtn, signround,  # noqa: F401
                              smoothquant, tesseraq)
 from llmc.algorithms.base import Algorithm, Options
 

@@ -41,7 +41,8 @@ def test_group_search_is_the_least_error_clip_per_row():
                 ratio = 1.02 - (i + 1) / 20 * 0.22
                 v = v.clamp(float(lo * ratio), float(hi * ratio))
                 s, z, fq = q4_row(v)
-                err = sum(float(((x[:, cols] @ w[r, cols]) - (xq[:, cols] @ fq)).pow(2).sum()) for x, xq in zip(xs, xqs))
+                err = sum(float((x[:, cols] @ w[r, cols] - xq[:, cols] @ fq).pow(2).sum())
+                          for x, xq in zip(xs, xqs))
                 if best is None or err < best[0] * (1 - 1e-6):
                     best = (err, s, z)
             assert scales[r, j].item() == pytest.approx(best[1], rel=1e-5), (r, j)
@@ -81,7 +82,8 @@ def test_channel_search_and_grid_by_hand():
             kk, z = int(k[r, j]), float(zeros[r, j])
             m = round(127 / kk)
             lo, hi = max(0, z - m), min(15, z + m)
-            want = (torch.clamp(torch.round(w[r, 32 * j:32 * j + 32] / (kk * float(s8[r]))) + z, lo, hi) - z) * kk * float(s8[r])
+            step = kk * float(s8[r])
+            want = (torch.clamp(torch.round(w[r, 32 * j:32 * j + 32] / step) + z, lo, hi) - z) * step
             torch.testing.assert_close(fake[r, 32 * j:32 * j + 32], want, rtol=1e-6, atol=0)
 
 
@@ -118,7 +120,8 @@ def test_dgq_runs_end_to_end_and_keeps_the_float_model(make_config, tmp_path, wi
 
 @pytest.mark.parametrize("weight,act,words", [
     ({"w_1": {**W12["w_1"], "symmetric": True}, "w_2": W12["w_2"]}, None, ["quant.weight.w_1", "asymmetric"]),
-    ({"w_1": W12["w_1"], "w_2": {"bit": 4, "symmetric": True, "granularity": "per_channel"}}, None, ["quant.weight.w_2", "int8"]),
+    ({"w_1": W12["w_1"], "w_2": {"bit": 4, "symmetric": True, "granularity": "per_channel"}}, None,
+     ["quant.weight.w_2", "int8"]),
     ({"w_1": W12["w_1"]}, None, ["quant.weight", "w_2"]),
     ({"bit": 4, "symmetric": False, "granularity": "per_group", "group_size": 32}, None, ["quant.weight", "w_1"]),
     ({**W12, "bit": 4}, None, ["quant.weight", "w_1/w_2"]),

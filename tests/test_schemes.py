@@ -124,8 +124,12 @@ def test_llmc_scheme_configs_dry_run_and_run(make_config, tmp_path, tiny_dir, DE
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("weight", [BLOCK, W48], ids=["per_block", "bit48"])
-@pytest.mark.parametrize("export", ["save_vllm", "save_autoawq", "save_gptq"])
+INT_BLOCK = CONFIGS["block_int8"][0]
+REFUSED = [(BLOCK, "save_autoawq"), (BLOCK, "save_gptq"), (INT_BLOCK, "save_vllm"), (W48, "save_vllm"),
+           (W48, "save_autoawq"), (W48, "save_gptq")]
+
+
+@pytest.mark.parametrize("weight,export", REFUSED, ids=[f"{'bit48' if w is W48 else w['bit']}-{e}" for w, e in REFUSED])
 def test_packed_exports_refuse_before_loading(make_config, tmp_path, capsys, DELETE, weight, export):
     out = tmp_path / "out"
     path = make_config({"quant": {"weight": {**{k: DELETE for k in PLAIN}, **weight}},
@@ -137,12 +141,37 @@ def test_packed_exports_refuse_before_loading(make_config, tmp_path, capsys, DEL
     assert not out.exists()  # refused before any weight was read
 
 
+def test_block_fp8_vllm_export_reloads_with_fake_quant_logits(make_config, tmp_path, DELETE):
+    """LLMC's rtn_w_a_block (FP8 block weights, FP8 per-group activations, save_vllm): compressed-tensors'
+    block strategy with [ceil(out / b), in / b] scales; transformers' load computes the fake-quant logits."""
+    from transformers import AutoModelForCausalLM
+
+    from llmc.export.save import load_fake_quant
+
+    out = tmp_path / "out"
+    weight, act = CONFIGS["block_fp8"]
+    path = make_config({"quant": {"weight": {**{k: DELETE for k in PLAIN}, **weight}, "act": act},
+                        "save": {"save_fake": True, "save_vllm": True, "save_path": str(out)}})
+    assert main(["--config", path]) == 0
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "vllm_quant_model")
+    k_proj = reloaded.model.layers[1].self_attn.k_proj  # 32 x 64: one row of two 32 x 32 tiles
+    assert k_proj.weight.dtype == torch.float8_e4m3fn and tuple(k_proj.weight_scale.shape) == (1, 2)
+    fake = load_fake_quant(out / "fake_quant_model")
+    ids = torch.randint(0, 200, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, fake(ids).logits)
+    bad = make_config({"quant": {"weight": {**{k: DELETE for k in PLAIN}, **weight}, "act": {**act, "group_size": 16}},
+                       "save": {"save_vllm": True, "save_path": str(tmp_path / "bad")}}, name="bad.yml")
+    assert main(["--config", bad]) == 2
+
+
 @pytest.mark.parametrize("quant,words", [
     ({"weight": {"granularity": "per_block"}}, ["quant.weight", "block_size"]),
     ({"weight": {"block_size": 32}}, ["quant.weight", "block_size", "per_block"]),
     ({"weight": {"granularity": "per_block", "block_size": 32, "symmetric": False}}, ["quant.weight", "symmetric"]),
     ({"weight": {"granularity": "per_block", "block_size": 48}}, ["quant.weight.block_size", "48", "in_features"]),
-    ({"method": "GPTQ", "weight": {"granularity": "per_block", "block_size": 32}}, ["quant.weight.granularity", "GPTQ"]),
+    ({"method": "GPTQ", "weight": {"granularity": "per_block", "block_size": 32}},
+     ["quant.weight.granularity", "GPTQ"]),
     ({"act": {"granularity": "per_block", "block_size": 32}}, ["quant.act.granularity", "per_block"]),
     ({"weight": {"bit": 48}}, ["quant.weight", "bit4"]),
     ({"weight": {"bit": 4, "bit4": W48["bit4"]}}, ["quant.weight", "bit: 48"]),

@@ -105,7 +105,8 @@ class QuantSpecCfg(Section):
             if own:
                 raise ValueError(f"{', '.join(sorted(own))} with bit 48: each level takes its own, under bit4 and bit8")
             if self.bit8.granularity != "per_channel" or self.bit8.scales_bit or self.bit8.zeros_bit:
-                raise ValueError("bit8 of bit 48 is the per-channel base: granularity per_channel, no scales_bit/zeros_bit")
+                raise ValueError("bit8 of bit 48 is the per-channel base: granularity per_channel, no "
+                                 "scales_bit/zeros_bit")
             if self.quant_type != "int-quant" or self.calib_algo != "minmax":
                 raise ValueError(f"bit 48 is an integer minmax scheme (got quant_type {self.quant_type}, calib_algo "
                                  f"{self.calib_algo})")

@@ -102,7 +102,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("w_zero", None, persistent=False)
         self.register_buffer("w_gidx", None, persistent=False)  # group of each input column (GPTQ act order)
         self.register_buffer("w_float_cols", None, persistent=False)  # input columns kept float (OWQ)
-        self.register_buffer("w_codes", None, persistent=False)  # codes a two-level scheme fixed (llmc/quant/twolevel.py)
+        self.register_buffer("w_codes", None, persistent=False)  # codes fixed by a two-level scheme (twolevel.py)
         self.w_axis = 1  # 0: the grid groups weight.T's rows, i.e. runs along output channels (HQQ axis 0)
         self.lwc: Optional[nn.Module] = None  # OmniQuant's learnable clipping while it trains
         self.quant_enabled = True

@@ -174,6 +174,7 @@ def test_block_fp8_vllm_export_reloads_with_fake_quant_logits(make_config, tmp_p
      ["quant.weight.granularity", "GPTQ"]),
     ({"act": {"granularity": "per_block", "block_size": 32}}, ["quant.act.granularity", "per_block"]),
     ({"weight": {"bit": 48}}, ["quant.weight", "bit4"]),
+    ({"act": {"bit": 48, "bit4": W48["bit4"], "bit8": W48["bit8"]}}, ["quant.act.bit", "weight schemes"]),
     ({"weight": {"bit": 4, "bit4": W48["bit4"]}}, ["quant.weight", "bit: 48"]),
     ({"weight": {**W48, "granularity": "per_group"}}, ["quant.weight", "granularity", "bit4 and bit8"]),
     ({"weight": {**W48, "bit4": {**W48["bit4"], "scale_bit": 8}}}, ["quant.weight.bit4", "scale_bit"]),

@@ -78,6 +78,9 @@ def check_quant(config: Config, available: set[str] = frozenset()) -> set[str]:
         if q.weight.static:
             raise ConfigError("quant.weight.static", "only activations have static/dynamic ranges")
     if q.act is not None:
+        if q.act.bit == 48 or q.act.w_1 is not None:
+            raise ConfigError("quant.act.bit" if q.act.bit == 48 else "quant.act.w_1", "two-level grids (bit 48, "
+                              "DGQ's w_1/w_2) are weight schemes; quantize activations with bit 8 or e4m3")
         if q.act.granularity not in ACT_GRANULARITIES:
             raise ConfigError("quant.act.granularity", f"'{q.act.granularity}' is not an activation granularity; "
                               f"use one of {', '.join(ACT_GRANULARITIES)}")

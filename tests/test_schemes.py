@@ -150,17 +150,19 @@ def test_block_fp8_vllm_export_reloads_with_fake_quant_logits(make_config, tmp_p
 
     out = tmp_path / "out"
     weight, act = CONFIGS["block_fp8"]
+    weight, act = {**weight, "block_size": 64}, {**act, "group_size": 64}  # k_proj's 32 rows: a partial tile
     path = make_config({"quant": {"weight": {**{k: DELETE for k in PLAIN}, **weight}, "act": act},
                         "save": {"save_fake": True, "save_vllm": True, "save_path": str(out)}})
     assert main(["--config", path]) == 0
     reloaded = AutoModelForCausalLM.from_pretrained(out / "vllm_quant_model")
-    k_proj = reloaded.model.layers[1].self_attn.k_proj  # 32 x 64: one row of two 32 x 32 tiles
-    assert k_proj.weight.dtype == torch.float8_e4m3fn and tuple(k_proj.weight_scale.shape) == (1, 2)
+    k_proj = reloaded.model.layers[1].self_attn.k_proj  # 32 x 64: half of one 64 x 64 tile
+    assert k_proj.weight.dtype == torch.float8_e4m3fn and tuple(k_proj.weight_scale.shape) == (1, 1)
+    assert tuple(reloaded.model.layers[1].mlp.down_proj.weight_scale.shape) == (1, 2)  # 64 x 128
     fake = load_fake_quant(out / "fake_quant_model")
     ids = torch.randint(0, 200, (1, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, fake(ids).logits)
-    bad = make_config({"quant": {"weight": {**{k: DELETE for k in PLAIN}, **weight}, "act": {**act, "group_size": 16}},
+    bad = make_config({"quant": {"weight": {**{k: DELETE for k in PLAIN}, **weight}, "act": {**act, "group_size": 32}},
                        "save": {"save_vllm": True, "save_path": str(tmp_path / "bad")}}, name="bad.yml")
     assert main(["--config", bad]) == 2
 

@@ -10,7 +10,11 @@ from llmc.config.schema import Config
 from llmc.errors import ConfigError
 from llmc.registry import ALGORITHMS, DATASETS, PREPROCESSORS
 
-WEIGHT_GRANULARITIES = ("per_tensor", "per_channel", "per_group")
+WEIGHT_GRANULARITIES = ("per_tensor", "per_channel", "per_group", "per_block")
+# Methods whose weights come from the quantizer's own calibration of each (possibly transformed) weight,
+# so per_block tiles and bit 48's two levels apply unchanged; the others compute grids of their own.
+BLOCK_METHODS = ("RTN",)
+TWO_LEVEL_METHODS = ("RTN",)
 ACT_GRANULARITIES = ("per_tensor", "per_token", "per_head", "per_group")
 ACT_CALIB_STATIC = ("minmax", "percentile")
 
@@ -74,6 +78,9 @@ def check_quant(config: Config, available: set[str] = frozenset()) -> set[str]:
         if q.weight.static:
             raise ConfigError("quant.weight.static", "only activations have static/dynamic ranges")
     if q.act is not None:
+        if q.act.bit == 48 or q.act.w_1 is not None:
+            raise ConfigError("quant.act.bit" if q.act.bit == 48 else "quant.act.w_1", "two-level grids (bit 48, "
+                              "DGQ's w_1/w_2) are weight schemes; quantize activations with bit 8 or e4m3")
         if q.act.granularity not in ACT_GRANULARITIES:
             raise ConfigError("quant.act.granularity", f"'{q.act.granularity}' is not an activation granularity; "
                               f"use one of {', '.join(ACT_GRANULARITIES)}")
@@ -88,6 +95,7 @@ def check_quant(config: Config, available: set[str] = frozenset()) -> set[str]:
                               f"expected one of {', '.join(allowed)}"
                               + ("" if q.act.static else " (dynamic ranges come from each input's own min/max)"))
     cls, options = algorithm_options(config)
+    _check_schemes(config, cls)
     learned = cls.needs_targets  # trains against the float block's outputs through the rounding
     for section in ("weight", "act"):
         spec = getattr(q, section)
@@ -138,6 +146,27 @@ def check_quant(config: Config, available: set[str] = frozenset()) -> set[str]:
 
         check_eval(ev, prefix)
     return cls.produces(options)
+
+
+def _check_schemes(config: Config, cls) -> None:
+    """per_block, bit 48 and DGQ's w_1/w_2 only with the methods that compute them."""
+    w = config.quant.weight
+    if w is None:
+        return
+    if w.granularity == "per_block" and cls.name not in BLOCK_METHODS:
+        raise ConfigError("quant.weight.granularity", f"per_block with {cls.name}: block-wise tiles are computed by "
+                          f"{', '.join(BLOCK_METHODS)} (LLMC's per_block configs are RTN); use per_channel/per_group")
+    if w.bit == 48 and cls.name not in TWO_LEVEL_METHODS:
+        raise ConfigError("quant.weight.bit", f"48 with {cls.name}: the two-level W4A8 grid is computed by "
+                          f"{', '.join(TWO_LEVEL_METHODS)} (LLMC's bit-48 configs); DGQ searches its own (quant.method: "
+                          "DGQ with weight.w_1/w_2)")
+    if w.w_1 is not None and cls.name != "DGQ":
+        raise ConfigError("quant.weight.w_1", f"w_1/w_2 are DGQ's two weight levels; quant.method is {cls.name} "
+                          "(set quant.method: DGQ, or give the weight quantizer's keys directly)")
+    two_level = w.bit == 48 or w.w_1 is not None
+    if two_level and config.quant.quantize_gates:
+        raise ConfigError("quant.quantize_gates", "routers are round-to-nearest quantized with one grid; the "
+                          "two-level weights (bit 48 / DGQ) have none to lend them: remove quantize_gates")
 
 
 def check_packing(config: Config) -> None:
@@ -210,6 +239,11 @@ def check_against_model(config: Config, adapter) -> None:
     checks = []
     if w is not None and w.granularity == "per_group":
         checks.append(("quant.weight.group_size", w.group_size, "choose a divisor"))
+    if w is not None and w.granularity == "per_block":
+        checks.append(("quant.weight.block_size", w.block_size, "tiles span whole columns; choose a divisor"))
+    for name, part in (("bit4", w and w.bit4), ("w_1", w and w.w_1)):
+        if part is not None and part.granularity == "per_group":
+            checks.append((f"quant.weight.{name}.group_size", part.group_size, "choose a divisor"))
     if a is not None and a.granularity == "per_group":
         checks.append(("quant.act.group_size", a.group_size, "choose a divisor"))
     if a is not None and a.granularity == "per_head":

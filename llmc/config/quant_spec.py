@@ -10,6 +10,30 @@ from llmc.config.section import Granularity, Section
 from llmc.quant.formats import FIXED_GROUP, GROUP_SIZE, QUANT_TYPES
 
 
+class TwoLevelPartCfg(Section):
+    """One level of LLMC's two-level W4A8 weights (`bit: 48`): `bit4` (the 4-bit groups, whose scales and zero
+    points are held in the `scales_bit`/`zeros_bit` integer range) or `bit8` (the 8-bit per-channel base,
+    codes in `int_range`)."""
+
+    symmetric: bool = True
+    granularity: Literal["per_channel", "per_group"] = "per_channel"
+    group_size: int = -1
+    int_range: Optional[tuple[int, int]] = None
+    scales_bit: Optional[int] = Field(None, ge=2, le=16)
+    scales_symmetric: bool = True
+    zeros_bit: Optional[int] = Field(None, ge=2, le=16)
+    zeros_symmetric: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> "TwoLevelPartCfg":
+        if (self.granularity == "per_group") != (self.group_size >= 1):
+            raise ValueError(f"group_size {self.group_size} with granularity {self.granularity}: per_group takes "
+                             "group_size >= 1, per_channel group_size -1")
+        if self.int_range is not None and not self.int_range[0] < self.int_range[1]:
+            raise ValueError(f"int_range {list(self.int_range)} must be [low, high] with low < high")
+        return self
+
+
 class QuantSpecCfg(Section):
     """One quantizer: integer bits (or a float format name), sign, granularity and range calibration."""
 
@@ -45,12 +69,22 @@ class QuantSpecCfg(Section):
     # AutoAWQ's packing (save_autoawq writes gemm_pack).
     need_pack: Optional[bool] = None
     pack_version: Optional[Literal["gemm_pack", "gemv_pack"]] = None
+    # granularity per_block: square block_size x block_size weight tiles, one scale each (LLMC; DeepSeek's FP8).
+    block_size: Optional[int] = Field(None, ge=1)
+    # LLMC's old switch to hold qmin/qmax as tensors (its quantizer has done so unconditionally since); logged.
+    qmax_to_tensor: Optional[bool] = None
+    # bit 48: LLMC's two-level W4A8 weights (llmc/quant/twolevel.py).
+    bit4: Optional[TwoLevelPartCfg] = None
+    bit8: Optional[TwoLevelPartCfg] = None
+    # quant.method DGQ: w_1 the 4-bit groups, w_2 the 8-bit per-channel base (llmc/algorithms/dgq.py).
+    w_1: Optional["QuantSpecCfg"] = None
+    w_2: Optional["QuantSpecCfg"] = None
 
     @field_validator("bit")
     @classmethod
     def _bit(cls, v: Any) -> Any:
-        if isinstance(v, int) and not 1 <= v <= 8:
-            raise ValueError("integer bits must be between 1 and 8")
+        if isinstance(v, int) and not 1 <= v <= 8 and v != 48:
+            raise ValueError("integer bits must be between 1 and 8 (or 48: LLMC's two-level W4A8 with bit4/bit8)")
         return v
 
     @model_validator(mode="before")
@@ -59,6 +93,41 @@ class QuantSpecCfg(Section):
         """Fill in what a named format fixes and refuse what contradicts it (before the field checks, so
         the defaults of bit and granularity are the format's)."""
         return _format_defaults(v) if isinstance(v, dict) else v
+
+    @model_validator(mode="after")
+    def _schemes(self) -> "QuantSpecCfg":
+        """bit 48's sections, per_block's block_size, qmax_to_tensor (before the granularity checks)."""
+        own = self.model_fields_set & {"symmetric", "granularity", "group_size", "block_size"}
+        if self.bit == 48:
+            if self.bit4 is None or self.bit8 is None:
+                raise ValueError("bit 48 (two-level W4A8) needs both bit4 (the 4-bit groups) and bit8 (the 8-bit "
+                                 "per-channel base) sections")
+            if own:
+                raise ValueError(f"{', '.join(sorted(own))} with bit 48: each level takes its own, under bit4 and bit8")
+            if self.bit8.granularity != "per_channel" or self.bit8.scales_bit or self.bit8.zeros_bit:
+                raise ValueError("bit8 of bit 48 is the per-channel base: granularity per_channel, no "
+                                 "scales_bit/zeros_bit")
+            if self.quant_type != "int-quant" or self.calib_algo != "minmax":
+                raise ValueError(f"bit 48 is an integer minmax scheme (got quant_type {self.quant_type}, calib_algo "
+                                 f"{self.calib_algo})")
+        elif self.bit4 is not None or self.bit8 is not None:
+            raise ValueError(f"bit4/bit8 sections go with bit: 48 (LLMC's two-level W4A8); got bit {self.bit}")
+        if (self.granularity == "per_block") != (self.block_size is not None):
+            raise ValueError(f"block_size {self.block_size} goes with granularity per_block (got granularity "
+                             f"{self.granularity})" if self.block_size is not None else
+                             "granularity per_block needs block_size (e.g. block_size: 128)")
+        if self.granularity == "per_block" and (not self.symmetric or self.calib_algo != "minmax"):
+            raise ValueError("granularity per_block is symmetric with minmax ranges (one absmax per tile, as LLMC); "
+                             f"got symmetric {self.symmetric}, calib_algo {self.calib_algo}")
+        if self.qmax_to_tensor is not None:
+            logger.info(f"qmax_to_tensor: {self.qmax_to_tensor} accepted without effect: LLMC's early quantizer held "
+                        "qmin/qmax as tensors with it, and has done so unconditionally since; the grid is the same")
+        if (self.w_1 is None) != (self.w_2 is None):
+            raise ValueError("DGQ's weight section takes both w_1 (4-bit groups) and w_2 (8-bit per-channel base)")
+        if self.w_1 is not None and (own or "bit" in self.model_fields_set):
+            raise ValueError(f"{', '.join(sorted(own | ({'bit'} & self.model_fields_set)))} beside w_1/w_2: DGQ's "
+                             "two levels take their settings under w_1 and w_2")
+        return self
 
     @model_validator(mode="after")
     def _group(self) -> "QuantSpecCfg":

@@ -3,7 +3,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-Granularity = Literal["per_tensor", "per_channel", "per_group", "per_token", "per_head"]
+Granularity = Literal["per_tensor", "per_channel", "per_group", "per_token", "per_head", "per_block"]
 
 
 class Section(BaseModel):

@@ -9,7 +9,9 @@ Formats (chosen per llmc setting):
                    packed along outputs), `weight_shape`
   int-quantized    integer weights with integer activations (W8A8): `weight` int8 codes, `weight_scale`,
                    `weight_zero_point` (asym); static activations add `input_scale` (`input_zero_point`)
-  float-quantized  fp8 e4m3 weights (with or without fp8 activations): `weight` float8_e4m3fn, `weight_scale`
+  float-quantized  fp8 e4m3 weights (with or without fp8 activations): `weight` float8_e4m3fn, `weight_scale`;
+                   per_block weights: strategy block, `weight_scale` [ceil(out / b), in / b] (DeepSeek's layout),
+                   with dynamic fp8 activations per token or per group of b (vLLM's block FP8 scheme)
   nvfp4-pack-quantized  weight-only NVFP4: `weight_packed` uint8 (two e2m1 codes a byte), `weight_scale` fp8
                    e4m3 [out, in/16], `weight_global_scale` float32 [1]; compressed-tensors 0.20.1 dequantizes
                    it to bfloat16 weights (its unpacker's dtype), so a reload equals the fake-quant weights
@@ -47,7 +49,8 @@ from llmc.quant.fake_linear import quant_linears
 FORMAT = "compressed-tensors"
 FP4_FORMATS = ("nvfp4", "mxfp4")
 FP4_PACKED = tuple(f"{f}-pack-quantized" for f in FP4_FORMATS)
-STRATEGY = {"per_group": "group", "per_channel": "channel", "per_tensor": "tensor", "per_token": "token"}
+STRATEGY = {"per_group": "group", "per_channel": "channel", "per_tensor": "tensor", "per_token": "token",
+            "per_block": "block"}
 
 
 def _ct():
@@ -65,10 +68,11 @@ def _args(a, dynamic: bool) -> dict:
         return dict(num_bits=4, type="float", symmetric=True, group_size=a.group_size, dynamic=dynamic,
                     strategy="tensor_group" if a.quant_type == "nvfp4" else "group",
                     scale_dtype=scale_dtype, zp_dtype=scale_dtype)
+    block = [a.block_size, a.block_size] if a.granularity == "per_block" else None
     return dict(num_bits=8 if a.is_float else a.bit, type="float" if a.is_float else "int",
                 symmetric=a.symmetric or a.is_float,  # llmc's float grids are symmetric whatever the flag
                 strategy=STRATEGY[a.granularity], group_size=a.group_size if a.granularity == "per_group" else None,
-                dynamic=dynamic)
+                block_structure=block, dynamic=dynamic)
 
 
 def compression_format(spec: Spec) -> str:
@@ -94,7 +98,15 @@ def scheme_of(spec: Spec, key: str):
 
 
 def check(spec: Spec, key: str = "save.save_vllm") -> None:
-    w, a = common_checks(spec, key, FORMAT, weight_only=False), spec.act
+    w, a = common_checks(spec, key, FORMAT, weight_only=False, blocks=True), spec.act
+    if w.granularity == "per_block" and not (w.is_float and w.bit == "e4m3"):
+        refuse(key, FORMAT, f"per_block {w.describe()} weights", "llmc writes block-wise scales for fp8 e4m3 "
+               "weights (vLLM's block FP8 scheme); use bit e4m3, or save_fake")
+    block_acts = w.granularity == "per_block" and a is not None and a.granularity == "per_group"
+    if block_acts and (a.group_size != w.block_size or a.static):
+        refuse(key, FORMAT, f"quant.act group_size {a.group_size} (static {a.static}) with {w.block_size} x "
+               f"{w.block_size} weight blocks", "vLLM's block FP8 scheme quantizes activations dynamically per "
+               "group of the block size; set act.group_size to weight.block_size")
     if w.quant_type in FP4_FORMATS and a is not None:
         refuse(key, FORMAT, f"quant.act with quant.weight.quant_type={w.quant_type}", "llmc writes "
                f"{w.quant_type}-pack-quantized weight-only (drop quant.act, or save_fake for the fake-quant model)")
@@ -108,7 +120,7 @@ def check(spec: Spec, key: str = "save.save_vllm") -> None:
         refuse(key, FORMAT, "GPTQ actorder without static_groups", "compressed-tensors removed g_idx (group act "
                "order); set quant.special.static_groups: True, or use save_gptq")
     if a is not None:
-        if a.granularity not in ("per_token", "per_tensor"):
+        if a.granularity not in ("per_token", "per_tensor") and not block_acts:
             refuse(key, FORMAT, f"quant.act.granularity={a.granularity}", "activations are quantized per_token "
                    "(dynamic) or per_tensor (static or dynamic) by vLLM's compressed-tensors schemes")
         if a.is_float != w.is_float or (a.is_float and a.bit != "e4m3"):
@@ -118,7 +130,10 @@ def check(spec: Spec, key: str = "save.save_vllm") -> None:
 
 
 def _qparam(t: torch.Tensor, q) -> torch.Tensor:
-    """llmc's per-row parameter in compressed-tensors' shape: [out, groups], [out, 1] or [1] (per tensor)."""
+    """llmc's per-row parameter in compressed-tensors' shape: [out, groups], [out, 1], [1] (per tensor) or
+    [ceil(out / b), in / b] (per_block: llmc repeats each tile's scale over its b rows)."""
+    if q.wargs.granularity == "per_block":
+        return t.reshape(q.out_features, -1)[::q.wargs.block_size]
     return t.reshape(1) if q.wargs.granularity == "per_tensor" else t.reshape(q.out_features, -1)
 
 
@@ -127,6 +142,8 @@ def compress_layer(name: str, q, scheme, fmt: str, dtype: torch.dtype) -> dict[s
 
     if q.wargs.quant_type in FP4_FORMATS:
         return _compress_fp4(name, q, scheme, fmt)
+    if q.wargs.granularity == "per_block":
+        return _compress_blocks(name, q, scheme, fmt, dtype)
 
     codes, scale_t, zero_t, g_idx = group_table(q)
     scale = _qparam(q.w_scale.float().cpu(), q).to(dtype)
@@ -177,6 +194,25 @@ def _compress_fp4(name: str, q, scheme, fmt: str) -> dict[str, torch.Tensor]:
     back = compressor.decompress(dict(packed), scheme)["weight"]
     expected = (values * scale.repeat_interleave(q.wargs.group_size, dim=1)).to(back.dtype)
     if back.shape != expected.shape or not torch.equal(back, expected):
+        raise RuntimeError(f"compressed-tensors {_ct().__version__} did not store {name} on llmc's grid")
+    return packed
+
+
+def _compress_blocks(name: str, q, scheme, fmt: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Block-wise fp8: llmc's grid values times their tile scales handed to the compressor, which divides by
+    the [ceil(out / b), in / b] scales it is given and casts to fp8; checked to dequantize to the fake weight."""
+    from compressed_tensors.compressors import BaseCompressor
+
+    if q.w_scale is None:
+        q.set_weight_qparams()
+    b = q.wargs.block_size
+    scale = _qparam(q.w_scale.float().cpu(), q).to(dtype)
+    full = scale.float().repeat_interleave(b, 0)[:q.out_features].repeat_interleave(b, 1)
+    values = q.int_weight().reshape(q.out_features, q.in_features).cpu()
+    compressor = BaseCompressor.get_value_from_registry(fmt)
+    packed = compressor.compress({"weight": values * full, "weight_scale": scale}, scheme)
+    back = compressor.decompress(dict(packed), scheme)["weight"]
+    if back.shape != values.shape or not torch.equal(back.to(dtype), (values * full).to(dtype)):
         raise RuntimeError(f"compressed-tensors {_ct().__version__} did not store {name} on llmc's grid")
     return packed
 

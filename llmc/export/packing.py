@@ -89,8 +89,8 @@ def refuse(key: str, fmt: str, setting: str, why: str) -> None:
     raise ConfigError(key, f"the {fmt} format cannot store {setting}: {why}")
 
 
-def common_checks(spec: Spec, key: str, fmt: str, weight_only: bool = True) -> QuantArgs:
-    """Refusals shared by the formats; returns the weight args."""
+def common_checks(spec: Spec, key: str, fmt: str, weight_only: bool = True, blocks: bool = False) -> QuantArgs:
+    """Refusals shared by the formats (`blocks`: the format stores per_block scales); returns the weight args."""
     if spec.weight is None:
         refuse(key, fmt, "a model without weight quantization", "it stores quantized weights (set quant.weight)")
     if spec.kvcache:
@@ -100,6 +100,13 @@ def common_checks(spec: Spec, key: str, fmt: str, weight_only: bool = True) -> Q
         refuse(key, fmt, "quant.act (activation quantization)", "it is a weight-only format "
                "(use save_vllm for weight-activation quantization)")
     w = spec.weight
+    if w.two_level is not None:
+        refuse(key, fmt, f"two-level weights ({w.describe()})", "it holds one grid of scales per group; the 8-bit "
+               "channel base under integer group scales is not stored by any packed export here; save_fake writes "
+               "the fake-quant model")
+    if w.granularity == "per_block" and not blocks:
+        refuse(key, fmt, f"block-wise scales (granularity per_block, block_size {w.block_size})", "it stores "
+               "per-tensor, per-channel or per-group scales; save_fake writes the fake-quant model")
     if not w.round_zp:
         refuse(key, fmt, "float zero points (quant.weight.round_zp: False)", "it stores integer zero points; "
                "set round_zp: True (HQQ then rounds its optimised zero points), or save_fake")

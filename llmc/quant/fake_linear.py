@@ -103,6 +103,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("w_gidx", None, persistent=False)  # group of each input column (GPTQ act order)
         self.register_buffer("w_float_cols", None, persistent=False)  # input columns kept float (OWQ, QUIK)
         self.register_buffer("a_float_cols", None, persistent=False)  # input features the act quantizer skips (QUIK)
+        self.register_buffer("w_codes", None, persistent=False)  # codes fixed by a two-level scheme (twolevel.py)
         # LLM.int8(): input features with any |x| >= this are computed in float (weight columns too), per forward
         self.outlier_threshold: Optional[float] = None
         self.w_axis = 1  # 0: the grid groups weight.T's rows, i.e. runs along output channels (HQQ axis 0)
@@ -115,19 +116,29 @@ class QuantLinear(nn.Module):
 
     def set_weight_qparams(self, scale: Optional[torch.Tensor] = None, zero: Optional[torch.Tensor] = None,
                            g_idx: Optional[torch.Tensor] = None, float_cols: Optional[torch.Tensor] = None,
-                           axis: int = 1) -> None:
+                           axis: int = 1, codes: Optional[torch.Tensor] = None) -> None:
         """Fix the grid; calibrated from the current weight with the configured algorithm when not given.
         scale/zero are one per row of grouped(weight) (of grouped(weight.T) with axis 0); with g_idx,
-        [out, groups] and column j uses group g_idx[j]. The input columns in float_cols stay float."""
+        [out, groups] and column j uses group g_idx[j]. The input columns in float_cols stay float. `codes`
+        (shaped like grouped(weight)) fixes the codes too: two-level schemes round twice, so their codes are
+        not round(w / scale) + zero."""
         if self.wargs is None:
             return
         self.w_axis = axis
+        two_level = self.wargs.two_level
+        if scale is None and two_level is not None:
+            if two_level.kind != "w48":
+                raise RuntimeError(f"{two_level.kind} weights are set by their algorithm, not calibrated")
+            from llmc.quant.twolevel import w48_grid
+
+            codes, scale, zero = w48_grid(self.weight, two_level)
         if scale is None:
             self.wargs = bind_global(self.wargs, self.weight)
             scale, zero = calibrate(grouped(self._oriented(self.weight.detach()), self.wargs), self.wargs)
         self.w_scale, self.w_zero = scale.detach(), zero.detach()
         self.w_gidx = g_idx
         self.w_float_cols = float_cols
+        self.w_codes = None if codes is None else codes.detach()
         self._cache = None
 
     def set_act_float_cols(self, cols: Optional[torch.Tensor]) -> None:
@@ -146,6 +157,8 @@ class QuantLinear(nn.Module):
 
     def int_weight(self) -> torch.Tensor:
         """Integer codes of the weight, shaped like grouped(weight) (like the weight when g_idx is set)."""
+        if self.w_codes is not None:
+            return self.w_codes
         w = self.weight.detach().float()
         if self.w_gidx is not None:
             out = self.out_features

@@ -4,18 +4,24 @@ Integer grids are signed for both schemes, q ∈ [-2^(b-1), 2^(b-1)-1]: symmetri
 scale = absmax / ((qmax - qmin) / 2), the convention of GPTQ and compressed-tensors, so the negative end
 of the grid is usable; asymmetric widens [min, max] to include 0 and picks an integer zero point.
 Exporters that store unsigned codes add 2^(b-1) to codes and zero points.
-Statistics are reduced over the last dimension of `grouped(x)`; every granularity is a reshape.
+Statistics are reduced over the last dimension of `grouped(x)`; every granularity is a reshape. per_block
+(block_size x block_size weight tiles) views a weight as [out, in / b, b] and shares each tile's absmax over
+its b rows, so the scale of row r, column group j is that of tile (r // b, j).
+Two-level schemes (LLMC's `bit: 48`, DGQ) fix their codes themselves (llmc/quant/twolevel.py).
 Float and 4-bit formats (`quant_type` float-quant, nvfp4, mxfp4, nf4) keep zero = 0 and take their scale
 and element rounding from llmc/quant/formats.py; their "codes" are the grid values themselves.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from llmc.quant.formats import FORMAT_MAX, format_scale, nvfp4_global_scale, round_to_grid, value_bits
+
+if TYPE_CHECKING:
+    from llmc.quant.twolevel import TwoLevel
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,9 @@ class QuantArgs:
     scale_dtype: Optional[str] = None
     round_zp: bool = True  # False: LLMC's float zero points (asymmetric), codes round(x/scale + zero)
     quant_type: str = "int-quant"  # int-quant, float-quant, nvfp4, mxfp4, nf4 (llmc/quant/formats.py)
+    block_size: Optional[int] = None  # per_block: square tiles of this size
+    # bit 48 / DGQ: the two levels (llmc/quant/twolevel.py); the fields above then describe the 4-bit groups.
+    two_level: Optional["TwoLevel"] = None
     # NVFP4's per-tensor scale, bound to one weight (`bind_global`); not part of the settings' identity.
     global_scale: Optional[float] = field(default=None, compare=False)
 
@@ -47,7 +56,11 @@ class QuantArgs:
     def from_cfg(cls, cfg) -> Optional["QuantArgs"]:
         if cfg is None:
             return None
-        names = {f.name for f in fields(cls)}
+        if cfg.bit == 48 or cfg.w_1 is not None:
+            from llmc.quant.twolevel import two_level_args
+
+            return two_level_args(cfg)
+        names = {f.name for f in fields(cls)} - {"two_level"}
         return cls(**{k: v for k, v in cfg.model_dump().items() if k in names})
 
     @property
@@ -75,6 +88,9 @@ class QuantArgs:
         kind = self.quant_type if named else (f"fp{4 if self.bit == 'e2m1' else 8}-{self.bit}" if self.is_float
                                               else f"int{self.bit}")
         gran = f"g{self.group_size}" if self.granularity == "per_group" else self.granularity
+        gran = f"block{self.block_size}x{self.block_size}" if self.granularity == "per_block" else gran
+        if self.two_level is not None:
+            return self.two_level.describe(gran, self.symmetric)
         return f"{kind} {'sym' if self.symmetric else 'asym'} {gran}{' static' if self.static else ''}"
 
 
@@ -100,6 +116,11 @@ def grouped(x: torch.Tensor, args: QuantArgs) -> torch.Tensor:
         return x.reshape(-1, x.shape[-1])
     if g == "per_head":
         return x.reshape(-1, x.shape[-1] // args.head_num)
+    if g == "per_block":
+        if x.dim() != 2 or x.shape[1] % args.block_size:
+            raise ValueError(f"per_block needs a 2-D weight whose in_features are a multiple of block_size "
+                             f"{args.block_size}; got shape {tuple(x.shape)}")
+        return x.reshape(x.shape[0], -1, args.block_size)
     raise ValueError(f"unknown granularity {g}")
 
 
@@ -237,11 +258,24 @@ def _err(xf, scale, zero, args) -> torch.Tensor:
     return (fq - xf).abs().pow(args.mse_norm).sum(dim=-1, keepdim=True)
 
 
+def tile_absmax(xg: torch.Tensor, b: int) -> torch.Tensor:
+    """Per row of per_block's [out, in / b, b] view, the absmax of its b x b tile; the last tile of rows may be
+    partial (out not a multiple of b), as DeepSeek's FP8 layout allows (its scales are ceil(out / b) high)."""
+    rows = xg.detach().abs().amax(dim=-1, keepdim=True).float()
+    out, cols = rows.shape[0], rows.shape[1]
+    padded = torch.nn.functional.pad(rows, (0, 0, 0, 0, 0, (-out) % b))  # zeros never raise an absmax
+    tiles = padded.view(-1, b, cols, 1).amax(dim=1, keepdim=True)
+    return tiles.expand(-1, b, cols, 1).reshape(-1, cols, 1)[:out]
+
+
 def calibrate(xg: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, zero) per row of a grouped tensor with the configured range calibration (an unbound NVFP4
     global scale comes from the whole of xg)."""
     if args.quant_type == "nvfp4" and args.global_scale is None:
         args = bind_global(args, xg)
+    if args.granularity == "per_block":
+        absmax = tile_absmax(xg, args.block_size)
+        return qparams_from_range(-absmax, absmax, args)
     if args.calib_algo == "mse":
         return mse_qparams(xg, args)
     return qparams_from_range(*row_range(xg), args)

@@ -67,7 +67,7 @@ def test_fake_quant_with_and_without_kv_through_cli(make_config, tmp_path, wiki_
 
 
 def test_unknown_kv_method_is_a_config_error(make_config, capsys):
-    path = make_config({"quant": {"kvcache": {"method": "Kivi", "bit": 8}}})
+    path = make_config({"quant": {"kvcache": {"method": "Kiwi", "bit": 8}}})
     assert main(["--config", path]) == 2
     err = capsys.readouterr().err
-    assert "quant.kvcache.method" in err and "Kivi" in err
+    assert "quant.kvcache.method" in err and "Kiwi" in err

@@ -137,3 +137,16 @@ def test_bad_kvcache_keys_are_refused_before_loading(make_config, capsys, monkey
     assert main(["--config", make_config({"quant": {"kvcache": kv}})]) == 2
     err = capsys.readouterr().err
     assert key in err and all(w in err for w in words), err
+
+
+@pytest.mark.parametrize("name", ["KVQuant/rtn_w_a_kivi_quant_kv", "KVQuant/rtn_w_a_naive_quant_kv",
+                                  "KVQuant/rtn_w_a_perhead_static_naive_quant_kv",
+                                  "KVQuant/rtn_w_a_pertensor_static_naive_quant_kv", "RTN/rtn_w_a_pertensor_static_hist"])
+def test_kv_configs_pass_dry_run(name, tiny_dir, capsys):
+    """The shipped equivalents of LLMC's KVQuant configs (and its static_hist RTN config) on the tiny model;
+    test_shipped_configs runs them end to end."""
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "quantization" / "methods" / f"{name}.yml"
+    assert main(["--config", str(config), "--dry-run", "--set", f"model.path={tiny_dir('llama')}"]) == 0
+    assert "kv cache" in capsys.readouterr().out or "static_hist" in name

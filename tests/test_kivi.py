@@ -150,3 +150,34 @@ def test_kv_configs_pass_dry_run(name, tiny_dir, capsys):
     config = Path(__file__).resolve().parents[1] / "configs" / "quantization" / "methods" / f"{name}.yml"
     assert main(["--config", str(config), "--dry-run", "--set", f"model.path={tiny_dir('llama')}"]) == 0
     assert "kv cache" in capsys.readouterr().out or "static_hist" in name
+
+
+@pytest.mark.parametrize("family", ["qwen2", "opt", "phi3"])
+def test_full_forward_reads_what_decoding_through_the_cache_reads(family):
+    """A forward over the whole sequence gives every position the log-probabilities it gets decoding token by
+    token through transformers' cache (KIVI's view is rebuilt from the float cache at every step)."""
+    from llmc.config.schema import KVCacheCfg
+    from llmc.models.adapter import adapter_class
+    from llmc.quant.kvcache import kv_quantized
+    from tiny import make_model
+
+    model = make_model(family)
+    adapter = adapter_class(model.config.model_type, None)(model)
+    ids = torch.randint(2, model.config.vocab_size, (1, 14))
+    cfg = KVCacheCfg(method="Kivi", bit=2, granularity="per_group", group_size=4, residual_length=4)
+    with torch.no_grad(), kv_quantized(model, adapter.attention_modules(), cfg):
+        full = F.log_softmax(model(ids).logits[0], -1)
+        cache = DynamicCache(config=model.config)
+        steps = torch.cat([model(input_ids=ids[:, i:i + 1], cache=cache, use_cache=True).logits[0] for i in range(14)])
+    with torch.no_grad():
+        plain = F.log_softmax(model(ids).logits[0], -1)
+    assert torch.allclose(full, F.log_softmax(steps, -1), atol=1e-4)
+    assert (full - plain).abs().max() > 1e-2  # and the 2-bit cache does change them
+
+
+def test_kivi_decoding_a_sliding_window_family_is_refused(make_config, capsys):
+    path = make_config({"quant": {"kvcache": KIVI}, "eval": {"type": "decode_ppl", "eval_pos": ["fake_quant"]}},
+                       family="gemma2")
+    assert main(["--config", path]) == 2
+    err = capsys.readouterr().err
+    assert "quant.kvcache.method" in err and "sliding-window" in err

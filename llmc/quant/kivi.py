@@ -45,11 +45,16 @@ def kivi_masks(q_len: int, k_len: int, window: int, device) -> tuple[torch.Tenso
 
 def kivi_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                    attention_mask: Optional[torch.Tensor], args: QuantArgs, group: Optional[int], window: int,
-                   scaling: Optional[float] = None, softcap: Optional[float] = None, **_) -> tuple[torch.Tensor, None]:
+                   scaling: Optional[float] = None, softcap: Optional[float] = None,
+                   position_ids: Optional[torch.Tensor] = None, **_) -> tuple[torch.Tensor, None]:
     """Eager attention in which every query reads KIVI's view of the cache (keys and values [b, h_kv, T, d],
     as transformers hands them to its attention functions). `group` None: G = R for keys, head_dim for values."""
     b, hq, q_len, d = query.shape
     k_len = key.shape[2]
+    if position_ids is not None and int(position_ids.max()) + 1 != k_len:
+        raise RuntimeError(f"KIVI: this layer's cache holds {k_len} keys for {int(position_ids.max()) + 1} positions "
+                           "(a sliding-window cache drops old tokens), so the key groups KIVI quantized before the "
+                           "window moved cannot be rebuilt; KIVI needs caches that keep every token")
     mk, mv = kivi_masks(q_len, k_len, window, query.device)
     n = ((k_len - 1) // window) * window  # the keys any of these queries reads quantized
     kq = key.clone()

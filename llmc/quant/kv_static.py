@@ -41,6 +41,12 @@ def check_kv_model(config, adapter) -> None:
     if kv.head_num is not None and kv.head_num != kv_heads:
         raise ConfigError("quant.kvcache.head_num", f"{kv.head_num}, but the model has {kv_heads} key/value heads "
                           f"(num_key_value_heads); set head_num: {kv_heads}")
+    decoding = [ev.type for ev in config.eval if ev.type in ("decode_ppl", "generate_only")]
+    if kv.method == "Kivi" and decoding and "sliding_attention" in (getattr(cfg, "layer_types", None) or []):
+        raise ConfigError("quant.kvcache.method", f"Kivi with eval type {decoding[0]} on {cfg.model_type}, whose "
+                          "sliding-window layers keep only the last tokens in the cache: the key groups KIVI "
+                          "quantized before the window moved cannot be rebuilt; evaluate with type ppl (every "
+                          "position reads KIVI's view of the whole window) or use method Naive")
     head_dim = adapter.head_dim()
     if kv.method == "Kivi" and kv.granularity == "per_group" and head_dim and head_dim % kv.group_size:
         raise ConfigError("quant.kvcache.group_size", f"{kv.group_size} does not divide the head dimension {head_dim}: "

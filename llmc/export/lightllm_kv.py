@@ -4,10 +4,10 @@
 The layout is the one LLMC writes for LightLLM: version, architectures, quant_type (per_tensor or per_head),
 qmin/qmax of FP8 e4m3 (∓448), num_layers, num_head (key/value heads), scales_shape [num_layers, width] and
 scales: per layer the key scales then the value scales (width 2 per_tensor, 2·num_head per_head), each the
-calibrated absmax divided by 448, so that x / scale fills the e4m3 range. LLMC derives that absmax from its
-integer grid's ends (max |qmin − zero|, |qmax − zero| times the scale, which for its symmetric grid is
-128/127 of the calibrated absmax); here it is the calibrated absmax itself, the range the fake-quant model
-uses (identical for asymmetric-free symmetric ranges up to that grid convention).
+calibrated absmax divided by 448, so that x / scale fills the e4m3 range. LLMC takes that absmax from its
+integer grid's ends (max |qmin − zero|, |qmax − zero| times the scale: 128/127 of the calibrated absmax for
+its symmetric int8 grid); here it is the range the fake-quant model was calibrated to (for symmetric grids
+half the grid's span times the scale, which is the calibrated absmax).
 """
 from __future__ import annotations
 

@@ -87,8 +87,9 @@ def enable_kv_quant(model: nn.Module, attention_modules: list[nn.Module], cfg, o
     """From now on attention reads fake-quantized keys and values (with `observing`, float keys and values,
     shown to each module's observer); returns the implementation it wraps."""
     wrapped = model.config._attn_implementation
-    if wrapped == ATTENTION:  # already on (static ranges being calibrated): keep what it wraps
-        wrapped = getattr(attention_modules[0], _ATTR)[2]
+    if wrapped == ATTENTION:  # already on (a reloaded model quantized again): keep what it wraps
+        prev = getattr(attention_modules[0], _ATTR, None)
+        wrapped = prev[2] if prev else "sdpa"
     _register(wrapped)
     args = kv_args(cfg)
     for m in attention_modules:
@@ -110,4 +111,3 @@ def kv_quantized(model: nn.Module, attention_modules: list[nn.Module], cfg) -> I
         model.set_attn_implementation(wrapped)
         for m in attention_modules:
             delattr(m, _ATTR)
-

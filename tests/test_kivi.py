@@ -181,3 +181,22 @@ def test_kivi_decoding_a_sliding_window_family_is_refused(make_config, capsys):
     assert main(["--config", path]) == 2
     err = capsys.readouterr().err
     assert "quant.kvcache.method" in err and "sliding-window" in err
+
+
+def test_asymmetric_kivi_groups_span_their_own_min_to_max():
+    """symmetric: False is KIVI's grid: 2^b levels from each group's min to its max (no zero point widening)."""
+    from llmc.quant.kivi import kivi_keys, kivi_values
+
+    torch.manual_seed(1)
+    k = torch.rand(1, 2, 8, 8) + 3.0  # all positive: a grid through 0 would waste most levels
+    args = QuantArgs(bit=2, symmetric=False, granularity="per_token")
+
+    def minmax_rows(x):
+        mn, mx = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+        s = (mx - mn) / 3
+        return torch.clamp(torch.round((x - mn) / s), 0, 3) * s + mn
+
+    want_k = minmax_rows(k.reshape(1, 2, 2, 4, 8).transpose(-1, -2)).transpose(-1, -2).reshape(k.shape)
+    assert torch.allclose(kivi_keys(k, args, 4), want_k, atol=1e-6)
+    assert torch.allclose(kivi_values(k, args, 4), minmax_rows(k.reshape(1, 2, 8, 2, 4)).reshape(k.shape), atol=1e-6)
+    assert (kivi_keys(k, args, 4) - k).abs().max() <= 1.0 / 6 + 1e-6  # half a step of a range below 1

@@ -23,17 +23,29 @@ import torch.nn.functional as F
 from llmc.quant.quantizer import QuantArgs, fake_quant
 
 
+def _quant(rows: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+    """Each row of the last dimension on its own grid. Asymmetric as KIVI's code: 2^b levels from the row's
+    min to its max (llmc's asymmetric grids widen the range to include 0, which KIVI's do not)."""
+    if args.symmetric or args.is_float:
+        return fake_quant(rows, args)
+    x = rows.float()
+    mn, mx = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    levels = 2 ** args.bit - 1
+    scale = ((mx - mn) / levels).clamp(min=torch.finfo(torch.float32).eps)
+    return (torch.clamp(torch.round((x - mn) / scale), 0, levels) * scale + mn).to(rows.dtype)
+
+
 def kivi_keys(key: torch.Tensor, args: QuantArgs, group: int) -> torch.Tensor:
     """key [b, h, T, d] with T a multiple of `group`: each channel quantized over each group of tokens."""
     b, h, t, d = key.shape
     rows = key.reshape(b, h, t // group, group, d).transpose(-1, -2)  # [..., d, group]: a row per channel
-    return fake_quant(rows, args).transpose(-1, -2).reshape(b, h, t, d)
+    return _quant(rows, args).transpose(-1, -2).reshape(b, h, t, d)
 
 
 def kivi_values(value: torch.Tensor, args: QuantArgs, group: int) -> torch.Tensor:
     """value [b, h, T, d]: each token quantized over each group of `group` channels."""
     b, h, t, d = value.shape
-    return fake_quant(value.reshape(b, h, t, d // group, group), args).reshape(b, h, t, d)
+    return _quant(value.reshape(b, h, t, d // group, group), args).reshape(b, h, t, d)
 
 
 def kivi_masks(q_len: int, k_len: int, window: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,6 +16,11 @@ def _describe(spec) -> str:
     return "float" if spec is None else QuantArgs.from_cfg(spec).describe()
 
 
+def _describe_kv(kv) -> str:
+    text = f"{kv.method} int{kv.bit} {kv.granularity}" + (f" g{kv.group_size}" if kv.granularity == "per_group" else "")
+    return text + (" static" if kv.static else "") + (f", float window {kv.window}" if kv.method == "Kivi" else "")
+
+
 def _size(n_bytes: float) -> str:
     return f"{n_bytes / GIB:.2f} GiB" if n_bytes >= GIB / 10 else f"{n_bytes / 2**20:.1f} MiB"
 
@@ -34,8 +39,8 @@ def plan(config: Config, ignored_names) -> str:
         cls, _ = algorithm_options(stage)
         lines.append(f"stage {i}: {cls.name}: weights {_describe(stage.quant.weight)}, "
                      f"activations {_describe(stage.quant.act)}"
-                     + (f", kv cache int{stage.quant.kvcache.bit} {stage.quant.kvcache.granularity}"
-                        if stage.quant.kvcache else "") + f", quant_out {cls.quant_out(stage.quant)}")
+                     + (f", kv cache {_describe_kv(stage.quant.kvcache)}" if stage.quant.kvcache else "")
+                     + f", quant_out {cls.quant_out(stage.quant)}")
     block_params = max(sum(p.numel() for p in b.parameters()) for b in blocks)
     layouts: dict[tuple, list[int]] = {}  # blocks with the same subsets (MoE models mix dense and expert blocks)
     for i in range(len(blocks)):

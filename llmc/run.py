@@ -32,6 +32,8 @@ from llmc.export.state import architecture_fingerprint, load_state, save_state
 from llmc.models import adapter_class, load_hf_config, load_model, meta_model, pick_device, resolve_source
 from llmc.models.load import load_model_streamed, load_tokenizer
 from llmc.quant.fake_linear import quant_disabled, unwrap_quant_linears
+from llmc.export.lightllm_kv import save_lightllm_kv_calib
+from llmc.quant.kv_static import calibrate_kv, static_tensors
 from llmc.quant.kvcache import kv_quantized
 from llmc.quant.quantizer import QuantArgs
 from llmc.report import peak_rss_mb, summary_table, write_results
@@ -167,7 +169,8 @@ def calibration_batches(config: Config, stages: list[Config], tokenizer, ctx) ->
     for stage in stages:
         algo_cls, options = algorithm_options(stage)
         wargs, aargs = QuantArgs.from_cfg(stage.quant.weight), QuantArgs.from_cfg(stage.quant.act)
-        if algo_cls.needs_calibration(wargs, aargs, options):
+        kv_static = stage.quant.kvcache is not None and stage.quant.kvcache.static
+        if algo_cls.needs_calibration(wargs, aargs, options) or kv_static:
             bs = parallel_batch_size(stage, ctx.shard.world)
             if bs != stage.calib.bs:
                 logger.info(f"calib.bs {stage.calib.bs} with {ctx.shard.world} processes: {algo_cls.name} sums its "
@@ -248,6 +251,10 @@ def _run_loaded(config: Config, ctx, stages: list[Config], adapter_cls, exports:
                           ckpt, i)
         handed.update(state)
     last = stages[-1]
+    if last.quant.kvcache is not None and last.quant.kvcache.static:
+        with ctx.timed("kv cache calibration"):
+            local = distributed.shard_batches(batches, ctx.shard)[0] if ctx.world_size > 1 else batches
+            calibrate_kv(model, adapter, local, ctx, last.quant.kvcache)
     with quant_disabled(model):
         evaluate("transformed")
     with kv_quantized(model, adapter.attention_modules(), last.quant.kvcache):
@@ -295,12 +302,15 @@ def save_outputs(config: Config, exports: list, model, adapter, tokenizer, out: 
             continue
         with ctx.timed(f"save {folder}"):
             kv = kvcache.model_dump() if fake and kvcache is not None else None
+            kv_scales = static_tensors(adapter) if kv else {}
             if ctx.store is not None:
-                save_streamed(model, tokenizer, out / folder, adapter.block_list(), names, ctx, fake, kv)
+                save_streamed(model, tokenizer, out / folder, adapter.block_list(), names, ctx, fake, kv, kv_scales)
             elif fake:
-                save_fake_quant(model, tokenizer, out / folder, kv)
+                save_fake_quant(model, tokenizer, out / folder, kv, kv_scales)
             else:
                 save_transformed(model, tokenizer, out / folder)
+    if config.save.save_lightllm_kv_calib:
+        save_lightllm_kv_calib(model, adapter, kvcache, out / config.save.lightllm_kv_cache_name)
     for fmt in exports:
         with ctx.timed(f"save {fmt.folder}"):
             fmt.save(model, tokenizer, out / fmt.folder, recipe=config.model_dump(mode="json"), key=f"save.{fmt.key}")

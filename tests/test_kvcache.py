@@ -67,7 +67,28 @@ def test_fake_quant_with_and_without_kv_through_cli(make_config, tmp_path, wiki_
 
 
 def test_unknown_kv_method_is_a_config_error(make_config, capsys):
-    path = make_config({"quant": {"kvcache": {"method": "Kivi", "bit": 8}}})
+    path = make_config({"quant": {"kvcache": {"method": "Kiwi", "bit": 8}}})
     assert main(["--config", path]) == 2
     err = capsys.readouterr().err
-    assert "quant.kvcache.method" in err and "Kivi" in err
+    assert "quant.kvcache.method" in err and "Kiwi" in err
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
+def test_sliding_window_masks_reach_the_quantized_attention(family):
+    """Under KV quantization, sliding-window layers keep their windows: the hooked forward equals the model's
+    own forward through a cache that stores the same quantized keys and values."""
+    from transformers import DynamicCache
+
+    class QuantizingCache(DynamicCache):
+        def update(self, k, v, layer_idx, *args, **kwargs):
+            q = lambda t: fake_quant_kv(t, _args(4), "per_head")  # noqa: E731
+            return super().update(q(k), q(v), layer_idx, *args, **kwargs)
+
+    model = make_model(family)
+    adapter = adapter_class(model.config.model_type, None)(model)
+    ids = torch.randint(2, model.config.vocab_size, (1, 24))  # three times the tiny sliding window
+    with torch.no_grad():
+        cached = model(ids, cache=QuantizingCache(config=model.config), use_cache=True).logits
+        with kv_quantized(model, adapter.attention_modules(), KVCacheCfg(bit=4, granularity="per_head")):
+            hooked = model(ids).logits
+    assert torch.allclose(hooked, cached, atol=1e-5)

@@ -16,7 +16,7 @@ WEIGHT_GRANULARITIES = ("per_tensor", "per_channel", "per_group", "per_block")
 BLOCK_METHODS = ("RTN",)
 TWO_LEVEL_METHODS = ("RTN",)
 ACT_GRANULARITIES = ("per_tensor", "per_token", "per_head", "per_group")
-ACT_CALIB_STATIC = ("minmax", "percentile")
+ACT_CALIB_STATIC = ("minmax", "percentile", "static_hist")
 
 
 def algorithm_options(config: Config):
@@ -53,6 +53,9 @@ def check_config(config: Config) -> None:
     from llmc.algorithms.quarot import check_online_rotate
 
     check_online_rotate(config)
+    from llmc.quant.kv_static import check_kv
+
+    check_kv(config)
     produced: set[str] = set()
     for i, stage in enumerate(config.stage_configs()):
         try:
@@ -89,6 +92,10 @@ def check_quant(config: Config, available: set[str] = frozenset()) -> set[str]:
         if q.act.static and q.act.granularity != "per_tensor":
             raise ConfigError("quant.act.granularity", f"'{q.act.granularity}' with static: True; static "
                               "activation ranges are calibrated per_tensor (dynamic ones may be per_token/per_head)")
+        if q.act.calib_algo == "static_hist" and q.act.static and (not q.act.symmetric or q.act.quant_type != "int-quant"):
+            raise ConfigError("quant.act.calib_algo", f"static_hist with symmetric {q.act.symmetric}, bit {q.act.bit}: "
+                              "LLMC's histogram search sets symmetric per-tensor integer ranges; set symmetric: True "
+                              "and an integer bit, or calib_algo: minmax")
         allowed = ACT_CALIB_STATIC if q.act.static else ("minmax",)
         if q.act.calib_algo not in allowed:
             raise ConfigError("quant.act.calib_algo", f"'{q.act.calib_algo}' with static: {q.act.static}; "
@@ -258,6 +265,9 @@ def check_against_model(config: Config, adapter) -> None:
                     raise ConfigError(key, f"{size} does not divide in_features {width} of "
                                       f"{adapter.block_name(i)}.{name}; {what}{hint}")
     _check_gates(config, adapter)
+    from llmc.quant.kv_static import check_kv_model
+
+    check_kv_model(config, adapter)
     algorithm_options(config)[0].check_model(config, adapter)
 
 

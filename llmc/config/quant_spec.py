@@ -204,13 +204,24 @@ def _format_defaults(v: dict) -> dict:
 
 
 class KVCacheCfg(Section):
-    """Dynamic fake quantization of the keys (after rotary embedding) and values attention reads:
-    per_token (one range per token over all heads) or per_head (one per token and head)."""
+    """Fake quantization of the keys (after rotary embedding) and values attention reads (llmc/quant/kvcache.py).
 
-    method: Literal["Naive"] = "Naive"
+    Naive: per_token (one range per token over all heads) or per_head (one per token and head), from each
+    input; static: one range per layer (per_tensor) or per key/value head (per_head), calibrated once on the
+    calibration set. Kivi (KIVI, Liu et al. 2024): keys per channel over groups of tokens, values per token
+    over groups of channels, the most recent residual_length tokens kept in float (llmc/quant/kivi.py)."""
+
+    method: Literal["Naive", "Kivi"] = "Naive"
     bit: Union[int, Literal["e4m3", "e5m2"]] = 8
     symmetric: bool = True
-    granularity: Literal["per_token", "per_head"] = "per_token"
+    granularity: Literal["per_token", "per_head", "per_tensor", "per_group"] = "per_token"
+    group_size: int = -1
+    # LLMC's per_head key: the number of key/value heads (checked against the model).
+    head_num: Optional[int] = Field(None, ge=1)
+    # Static ranges calibrated on the calibration set; unset: follows quant.act.static, as LLMC does.
+    static: Optional[bool] = None
+    # KIVI's float window R (LLMC's key; 128 there and in the paper).
+    residual_length: Optional[int] = Field(None, ge=1)
 
     @field_validator("bit")
     @classmethod
@@ -218,3 +229,42 @@ class KVCacheCfg(Section):
         if isinstance(v, int) and not 2 <= v <= 8:
             raise ValueError("integer bits must be between 2 and 8")
         return v
+
+    @model_validator(mode="after")
+    def _method(self) -> "KVCacheCfg":
+        g = self.granularity
+        if self.head_num is not None and g != "per_head":
+            raise ValueError(f"head_num {self.head_num} is only used with granularity per_head (got {g})")
+        if g != "per_group" and self.group_size not in (-1, 0):
+            raise ValueError(f"group_size {self.group_size} is only used with granularity per_group (got {g})")
+        if self.method == "Kivi":
+            if g not in ("per_token", "per_group"):
+                raise ValueError(f"granularity {g} with method Kivi: KIVI quantizes keys per channel and values per "
+                                 "token; choose per_token (one group per token and head) or per_group with group_size")
+            if self.static:
+                raise ValueError("static True with method Kivi: KIVI's ranges come from the cached tokens "
+                                 "(dynamic), as in the paper and LLMC; set static: False or method: Naive")
+            if g == "per_group" and self.group_size < 1:
+                raise ValueError("granularity per_group needs group_size >= 1 (KIVI's G, e.g. 32)")
+            r = self.residual_length if self.residual_length is not None else 128
+            if g == "per_group" and r % self.group_size:
+                raise ValueError(f"residual_length {r} must be a multiple of group_size {self.group_size}: "
+                                 "keys leave the float window in whole groups of tokens")
+        else:
+            if self.residual_length is not None:
+                raise ValueError(f"residual_length {self.residual_length} is KIVI's float window; "
+                                 "set method: Kivi or remove residual_length")
+            if g == "per_group":
+                raise ValueError("granularity per_group with method Naive: use per_token, per_head or per_tensor "
+                                 "(per_group is KIVI's)")
+            if self.static and g == "per_token":
+                raise ValueError("static True with granularity per_token: static KV ranges are one per layer "
+                                 "(per_tensor) or per key/value head (per_head)")
+            if self.static is False and g == "per_tensor":
+                raise ValueError("granularity per_tensor needs static ranges (static: True, or act.static: True)")
+        return self
+
+    @property
+    def window(self) -> int:
+        """KIVI's residual length R."""
+        return self.residual_length if self.residual_length is not None else 128

@@ -189,6 +189,17 @@ class QuantCfg(Section):
         if act is not None and act.quant_type in FIXED_GROUP and act.static:
             raise ValueError(f"act.quant_type {act.quant_type} with static: True: its group scales come from each input; "
                              "set static: False")
+        kv = self.kvcache
+        if kv is not None and kv.static is None:
+            # LLMC: the KV cache is static exactly when the activations are (kvquant follows act.static)
+            static = bool(act is not None and act.static and kv.method == "Naive")
+            if static and kv.granularity == "per_token":
+                raise ValueError("kvcache.granularity per_token with act.static True: LLMC then calibrates the KV cache "
+                                 "statically, one range per layer (per_tensor) or per head (per_head); choose one, or "
+                                 "set kvcache.static: False")
+            if not static and kv.granularity == "per_tensor":
+                raise ValueError("kvcache.granularity per_tensor needs static ranges (kvcache.static or act.static True)")
+            kv.static = static
         return self
 
 
@@ -200,6 +211,9 @@ class SaveCfg(Section):
     save_gptq: bool = False
     save_vllm: bool = False
     save_sgl: bool = False
+    # LLMC's LightLLM export: the static KV-cache scales as FP8 (e4m3) scales, in save_path/<lightllm_kv_cache_name>.
+    save_lightllm_kv_calib: bool = False
+    lightllm_kv_cache_name: str = "kv_cache_calib.json"
     save_path: Optional[str] = None
     # Resume: progress saved after every block in save_path/.llmc_resume (removed when the run finishes).
     checkpoint: bool = True
@@ -207,7 +221,8 @@ class SaveCfg(Section):
 
     @model_validator(mode="after")
     def _path(self) -> "SaveCfg":
-        wanted = [k for k in ("save_trans", "save_fake", "save_autoawq", "save_gptq", "save_vllm", "save_sgl")
+        wanted = [k for k in ("save_trans", "save_fake", "save_autoawq", "save_gptq", "save_vllm", "save_sgl",
+                              "save_lightllm_kv_calib")
                   if getattr(self, k)]
         if wanted and not self.save_path:
             raise ValueError(f"{'/'.join(wanted)} need save_path")

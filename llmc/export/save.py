@@ -68,12 +68,14 @@ def save_transformed(model, tokenizer, path: str | Path) -> None:
         write_rotation_record(model, tmp)
 
 
-def save_fake_quant(model, tokenizer, path: str | Path, kvcache: dict | None = None) -> None:
-    """`kvcache`: the quant.kvcache section, recorded so `load_fake_quant` quantizes the KV cache too."""
+def save_fake_quant(model, tokenizer, path: str | Path, kvcache: dict | None = None,
+                    kv_scales: dict | None = None) -> None:
+    """`kvcache`: the quant.kvcache section, recorded so `load_fake_quant` quantizes the KV cache too;
+    `kv_scales`: its static ranges by attention module (llmc/quant/kv_static.py)."""
     with atomic_dir(path) as tmp, plain_linears(model, fake=True) as swapped:
         _save_hf(model, tokenizer, tmp)
         write_rotation_record(model, tmp)
-        record, scales = {}, {}
+        record, scales = {}, dict(kv_scales or {})
         _record_acts(swapped, "", record, scales)
         _write_act_record(tmp, record, scales, kvcache)
 
@@ -103,12 +105,12 @@ def _write_act_record(folder: Path, record: dict, scales: dict, kvcache: dict | 
 
 
 def save_streamed(model, tokenizer, path: str | Path, blocks: nn.ModuleList, block_names: list[str], ctx,
-                  fake: bool, kvcache: dict | None = None) -> None:
+                  fake: bool, kvcache: dict | None = None, kv_scales: dict | None = None) -> None:
     """save_transformed (fake=False) or save_fake_quant (fake=True) for a model whose blocks stream from
     disk: one safetensors shard per block, loaded, written and released in turn, then one for the rest."""
     with atomic_dir(path) as tmp:
         files: dict[str, str] = {}
-        record, scales = {}, {}
+        record, scales = {}, dict(kv_scales or {})
         n = len(blocks) + 1
         total = 0
 
@@ -158,14 +160,18 @@ def load_fake_quant(path: str | Path, dtype: torch.dtype = torch.float32):
     install_recorded_rotations(model, path)  # before the act quantizers, which run after them
     saved = json.loads((path / ACT_RECORD).read_text()) if (path / ACT_RECORD).exists() else {}
     record = saved.get("layers", {})
+    scales = load_file(str(path / ACT_SCALES)) if (path / ACT_SCALES).exists() else {}
     if saved.get("kvcache"):
         from llmc.config.schema import KVCacheCfg
         from llmc.models.adapter import adapter_class
+        from llmc.quant.kv_static import install_static
         from llmc.quant.kvcache import enable_kv_quant
 
         adapter = adapter_class(model.config.model_type, None)(model)
-        enable_kv_quant(model, adapter.attention_modules(), KVCacheCfg(**saved["kvcache"]))
-    scales = load_file(str(path / ACT_SCALES)) if (path / ACT_SCALES).exists() else {}
+        cfg = KVCacheCfg(**saved["kvcache"])
+        if cfg.static:
+            install_static(adapter, scales)
+        enable_kv_quant(model, adapter.attention_modules(), cfg)
     for name, entry in record.items():
         threshold = entry.get("outlier_threshold")
         if not entry.get("act") and threshold is None:

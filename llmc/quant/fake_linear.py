@@ -39,6 +39,13 @@ class ActQuantizer(nn.Module):
         return quant_dequant(xg.float(), scale, zero, self.args).reshape(x.shape).to(x.dtype)
 
     def _observe(self, x: torch.Tensor) -> None:
+        if self.args.calib_algo == "static_hist":  # LLMC's histogram search, one running histogram per input
+            from llmc.quant.histogram import HistogramRange
+
+            if not self._stats:
+                self._stats = {"hist": (HistogramRange(self.args.bit), "")}
+            self._stats["hist"][0].update(x)
+            return
         xg = grouped(x.detach().float(), self.args)
         if self.args.calib_algo == "percentile":
             # Per batch, the values at the (100-p)th and pth percentiles; averaged over batches, so a few
@@ -57,11 +64,18 @@ class ActQuantizer(nn.Module):
         """What observation accumulated, each with the op that combines it across processes."""
         if not self._stats:
             raise RuntimeError("static activation quantizer saw no calibration input")
+        if "hist" in self._stats:  # per process, as LLMC: the searched absmax, averaged over processes
+            lo, hi = self._stats["hist"][0].threshold()
+            absmax = torch.maximum(lo.abs(), hi.abs()).reshape(1, 1)
+            return {"absmax_sum": (absmax, "sum"), "batches": (torch.ones_like(absmax), "sum")}
         return self._stats
 
     def finish_observation(self, stats: dict[str, torch.Tensor]) -> None:
         """Fix static parameters from (reduced) observed statistics."""
-        if "min" in stats:
+        if "absmax_sum" in stats:
+            xmax = stats["absmax_sum"] / stats["batches"]
+            xmin = -xmax
+        elif "min" in stats:
             xmin, xmax = stats["min"], stats["max"]
         else:
             xmin, xmax = stats["lo_sum"] / stats["batches"], stats["hi_sum"] / stats["batches"]

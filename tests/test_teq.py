@@ -214,3 +214,68 @@ def test_runs_end_to_end(make_config, wiki_files, tmp_path):
     assert main(["--config", cfg, "--dry-run"]) == 0
     assert main(["--config", cfg, "--results", str(tmp_path / "r.json")]) == 0
     assert (tmp_path / "out" / "fake_quant_model" / "config.json").is_file()
+
+
+# ---- RTN's full-range symmetric grid (INC's enable_full_range) ----------------------------------------
+def _inc_full_range(w, bits, group):
+    """INC's qdq_weight_sym with full_range written out: scale = absmax / 2^(b-1), negated where the row's
+    max is larger in magnitude than its min, codes round(w / scale) clamped to [-2^(b-1), 2^(b-1) - 1]."""
+    g = w.reshape(-1, group)
+    hi, lo = g.max(1).values, g.min(1).values
+    scale = torch.maximum(hi.abs(), lo.abs()) / 2 ** (bits - 1)
+    scale = torch.where(hi.abs() > lo.abs(), -scale, scale).unsqueeze(1)
+    return (torch.clamp(torch.round(g / scale), -2 ** (bits - 1), 2 ** (bits - 1) - 1) * scale).reshape(w.shape)
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_full_range_grid_is_incs_and_keeps_each_groups_absmax(bits):
+    from llmc.quant.quantizer import fake_quant
+
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(bits))
+    args = QuantArgs(bit=bits, symmetric=True, granularity="per_group", group_size=32, full_range=True)
+    ours = fake_quant(w, args)
+    assert torch.equal(ours, _inc_full_range(w, bits, 32))
+    groups, fq = w.reshape(-1, 32), ours.reshape(-1, 32)
+    at = groups.abs().argmax(1, keepdim=True)
+    assert torch.equal(fq.gather(1, at), groups.gather(1, at))  # the absmax is a grid point: kept exactly
+    # the default grid differs: absmax / (2^(b-1) - 1/2)
+    assert not torch.equal(fake_quant(w, QuantArgs(bit=bits, granularity="per_group", group_size=32)), ours)
+
+
+def _rtn_cfg(make_config, wiki_files, weight, special=None, save=None):
+    changes = {"quant": {"method": "RTN", "weight": {"bit": 4, "symmetric": True, "granularity": "per_group", "group_size": 16,
+                                                    **weight},
+                         "special": special or {}}}
+    if save:
+        changes["save"] = save
+    return make_config(changes)
+
+
+@pytest.mark.parametrize("weight, special, save, key, says", [
+    ({"symmetric": False, "full_range": True}, None, None, "full_range", "symmetric"),
+    ({}, {"enable_full_range": True}, None, "quant.special.enable_full_range", "quant.weight.full_range: True"),
+    ({}, {"enable_mse_search": True}, None, "quant.special.enable_mse_search", "quant.weight.calib_algo: mse"),
+    ({"full_range": True}, None, {"save_gptq": True}, "save.save_gptq", "full_range"),
+    ({"full_range": True}, None, {"save_vllm": True}, "save.save_vllm", "full_range"),
+])
+def test_full_range_and_incs_spellings_are_refused_where_they_cannot_apply(make_config, wiki_files, capsys, weight,
+                                                                            special, save, key, says):
+    cfg = _rtn_cfg(make_config, wiki_files, weight, special, save)
+    assert main(["--config", cfg]) == 2  # before any weight loads (packed formats are checked after --dry-run's plan)
+    err = capsys.readouterr().err
+    assert key in err and says in err
+
+
+def test_full_range_with_mse_search_runs_and_its_weights_are_on_the_grid(make_config, wiki_files, tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = _rtn_cfg(make_config, wiki_files, {"full_range": True, "calib_algo": "mse"}, save={"save_fake": True})
+    assert main(["--config", cfg, "--results", str(tmp_path / "r.json")]) == 0
+    state = load_file(next((tmp_path / "out" / "fake_quant_model").glob("*.safetensors")))
+    w = state["model.layers.0.mlp.down_proj.weight"].reshape(-1, 16)
+    # every group is k·s, k integer in [-8, 7], with the signed step s = ∓absmax / 8: the group's absmax (shrunk
+    # or not by the mse search) is code -8 itself, on whichever side it lies
+    amax = w.abs().amax(1, keepdim=True)
+    sign = torch.where(w.amax(1, keepdim=True) >= -w.amin(1, keepdim=True), -1.0, 1.0)
+    codes = w / (sign * amax / 8)
+    assert torch.allclose(codes, codes.round(), atol=1e-3) and codes.round().min() == -8 and codes.round().max() <= 7

@@ -2,7 +2,8 @@
 
 Integer grids are signed for both schemes, q ∈ [-2^(b-1), 2^(b-1)-1]: symmetric uses zero = 0 and
 scale = absmax / ((qmax - qmin) / 2), the convention of GPTQ and compressed-tensors, so the negative end
-of the grid is usable; asymmetric widens [min, max] to include 0 and picks an integer zero point.
+of the grid is usable (`full_range`: INC's absmax / 2^(b-1) with a signed scale, the absmax exactly on
+-2^(b-1)); asymmetric widens [min, max] to include 0 and picks an integer zero point.
 Exporters that store unsigned codes add 2^(b-1) to codes and zero points.
 Statistics are reduced over the last dimension of `grouped(x)`; every granularity is a reshape.
 Float and 4-bit formats (`quant_type` float-quant, nvfp4, mxfp4, nf4) keep zero = 0 and take their scale
@@ -35,6 +36,9 @@ class QuantArgs:
     percentile: float = 99.99
     scale_dtype: Optional[str] = None
     round_zp: bool = True  # False: LLMC's float zero points (asymmetric), codes round(x/scale + zero)
+    # INC's enable_full_range (symmetric integer grids): scale = absmax / 2^(b-1), negative when the absmax is a
+    # positive value, so the absmax itself lands on the code -2^(b-1)
+    full_range: bool = False
     quant_type: str = "int-quant"  # int-quant, float-quant, nvfp4, mxfp4, nf4 (llmc/quant/formats.py)
     # NVFP4's per-tensor scale, bound to one weight (`bind_global`); not part of the settings' identity.
     global_scale: Optional[float] = field(default=None, compare=False)
@@ -75,7 +79,8 @@ class QuantArgs:
         kind = self.quant_type if named else (f"fp{4 if self.bit == 'e2m1' else 8}-{self.bit}" if self.is_float
                                               else f"int{self.bit}")
         gran = f"g{self.group_size}" if self.granularity == "per_group" else self.granularity
-        return f"{kind} {'sym' if self.symmetric else 'asym'} {gran}{' static' if self.static else ''}"
+        sym = ("sym full-range" if self.full_range else "sym") if self.symmetric else "asym"
+        return f"{kind} {sym} {gran}{' static' if self.static else ''}"
 
 
 def bind_global(args: Optional[QuantArgs], x: torch.Tensor) -> Optional[QuantArgs]:
@@ -115,6 +120,9 @@ def qparams_from_range(xmin: torch.Tensor, xmax: torch.Tensor, args: QuantArgs) 
         return scale, torch.zeros_like(scale)
     if args.symmetric:
         absmax = torch.maximum(xmin.abs(), xmax.abs())
+        if args.full_range:
+            scale = _stored((absmax / -args.qmin).clamp(min=eps), args)
+            return torch.where(xmax.abs() > xmin.abs(), -scale, scale), torch.zeros_like(scale)
         half_range = args.qmax if args.is_float else (args.qmax - args.qmin) / 2
         scale = _stored((absmax / half_range).clamp(min=eps), args)
         return scale, torch.zeros_like(scale)

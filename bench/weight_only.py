@@ -13,6 +13,7 @@ TITLE = ("SmolLM2-135M-Instruct, weight-only asym g64, calib 128 x 512 wiki.vali
 RTN = "configs/quantization/methods/RTN/rtn_w_only.yml"
 GPTQ = "configs/quantization/methods/GPTQ/gptq_w_only.yml"
 AWQ = "configs/quantization/methods/Awq/awq_w_only.yml"
+TEQ = "configs/quantization/methods/TEQ/teq_w_only.yml"
 EVAL = ["eval.num_samples=40", "eval.seq_len=2048", "eval.eval_pos=[fake_quant]", "eval.compute_dtype=float32"]
 ROWS = {  # in the order they run: peer comparisons first, the long AWQ rows last
     "AWQ W4 (64 samples)": (AWQ, ["calib.n_samples=64"]),
@@ -31,6 +32,9 @@ ROWS = {  # in the order they run: peer comparisons first, the long AWQ rows las
     "AWQ W4": (AWQ, []),
     "AWQ W3": (AWQ, ["quant.weight.bit=3"]),
     "AWQ W2": (AWQ, ["quant.weight.bit=2"]),  # the reference OmniQuant's W2 rows must beat
+    # TEQ (INC's trainable equivalent transformation): 100 Adam steps per block at INC's lr 1e-3, beside AWQ
+    "TEQ W4": (TEQ, []),
+    "TEQ W3": (TEQ, ["quant.weight.bit=3"]),
     "FP": (RTN, ["eval.eval_pos=[pretrain]"]),
 }
 

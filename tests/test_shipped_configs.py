@@ -83,6 +83,8 @@ def _overrides(raw: dict, model: str) -> list[str]:
             sets.append(f"{key}.special.iters=2")
         if "iterations" in quant.get("special", {}):  # TesseraQ: steps per threshold
             sets.append(f"{key}.special.iterations=2")
+        if "train_steps" in quant.get("special", {}):  # TEQ: Adam steps per block
+            sets.append(f"{key}.special.train_steps=2")
         if quant.get("weight", {}).get("granularity") == "per_group":
             assert 64 % quant["weight"]["group_size"] == 0  # divides the tiny widths (64, 128) as shipped
     return sets

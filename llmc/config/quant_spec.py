@@ -64,6 +64,9 @@ class QuantSpecCfg(Section):
     # LLMC's round_zp: False keeps asymmetric zero points as floats (HQQ optimises them); only the
     # fake-quant model can hold them (packed exports refuse).
     round_zp: bool = True
+    # INC's enable_full_range: symmetric integer grids with scale = absmax / 2^(b-1) (signed, so the absmax
+    # is the code -2^(b-1) exactly) instead of absmax / (2^(b-1) - 1/2); packed exports refuse it.
+    full_range: bool = False
     # LLMC's export knobs, checked against the save keys (llmc/config/checks.py): need_pack True = integer
     # weights packed into int32 (compressed-tensors pack-quantized, save_vllm/save_sgl); pack_version =
     # AutoAWQ's packing (save_autoawq writes gemm_pack).
@@ -147,6 +150,10 @@ class QuantSpecCfg(Section):
         if not self.round_zp and (self.symmetric or isinstance(self.bit, str)):
             raise ValueError("round_zp False keeps a float zero point, which only asymmetric integer grids have; "
                              "remove round_zp or set symmetric: False")
+        if self.full_range and (not self.symmetric or self.quant_type != "int-quant"):
+            raise ValueError(f"full_range (INC's enable_full_range) is a symmetric integer grid; got symmetric "
+                             f"{self.symmetric}, quant_type {self.quant_type}: set symmetric: True with an integer "
+                             "bit, or remove full_range")
         if self.quant_type in FIXED_GROUP and (self.granularity != "per_group" or self.group_size != GROUP_SIZE[self.quant_type]):
             raise ValueError(f"quant_type {self.quant_type} has groups of {GROUP_SIZE[self.quant_type]} (its definition); got "
                              f"granularity {self.granularity}, group_size {self.group_size}: remove both or set "

@@ -110,6 +110,10 @@ def common_checks(spec: Spec, key: str, fmt: str, weight_only: bool = True, bloc
     if not w.round_zp:
         refuse(key, fmt, "float zero points (quant.weight.round_zp: False)", "it stores integer zero points; "
                "set round_zp: True (HQQ then rounds its optimised zero points), or save_fake")
+    if any(a is not None and a.full_range for a in (w, spec.act)):
+        refuse(key, fmt, "the full-range symmetric grid (full_range: True, INC's enable_full_range)", "its scales "
+               "are negative where a group's absmax is a positive value, which this format's loaders and kernels "
+               "are not checked against; remove full_range, or save_fake")
     if spec.float_cols:
         refuse(key, fmt, "OWQ's float input columns (quant.special.owq: True)", "its linears hold one integer grid "
                "for every column; save_fake writes the OWQ model")

@@ -2,7 +2,8 @@
 
 Integer grids are signed for both schemes, q ∈ [-2^(b-1), 2^(b-1)-1]: symmetric uses zero = 0 and
 scale = absmax / ((qmax - qmin) / 2), the convention of GPTQ and compressed-tensors, so the negative end
-of the grid is usable; asymmetric widens [min, max] to include 0 and picks an integer zero point.
+of the grid is usable (`full_range`: INC's absmax / 2^(b-1) with a signed scale, the absmax exactly on
+-2^(b-1)); asymmetric widens [min, max] to include 0 and picks an integer zero point.
 Exporters that store unsigned codes add 2^(b-1) to codes and zero points.
 Statistics are reduced over the last dimension of `grouped(x)`; every granularity is a reshape. per_block
 (block_size x block_size weight tiles) views a weight as [out, in / b, b] and shares each tile's absmax over
@@ -41,6 +42,9 @@ class QuantArgs:
     percentile: float = 99.99
     scale_dtype: Optional[str] = None
     round_zp: bool = True  # False: LLMC's float zero points (asymmetric), codes round(x/scale + zero)
+    # INC's enable_full_range (symmetric integer grids): scale = absmax / 2^(b-1), negative when the absmax is a
+    # positive value, so the absmax itself lands on the code -2^(b-1)
+    full_range: bool = False
     quant_type: str = "int-quant"  # int-quant, float-quant, nvfp4, mxfp4, nf4 (llmc/quant/formats.py)
     block_size: Optional[int] = None  # per_block: square tiles of this size
     # bit 48 / DGQ: the two levels (llmc/quant/twolevel.py); the fields above then describe the 4-bit groups.
@@ -91,7 +95,8 @@ class QuantArgs:
         gran = f"block{self.block_size}x{self.block_size}" if self.granularity == "per_block" else gran
         if self.two_level is not None:
             return self.two_level.describe(gran, self.symmetric)
-        return f"{kind} {'sym' if self.symmetric else 'asym'} {gran}{' static' if self.static else ''}"
+        sym = ("sym full-range" if self.full_range else "sym") if self.symmetric else "asym"
+        return f"{kind} {sym} {gran}{' static' if self.static else ''}"
 
 
 def bind_global(args: Optional[QuantArgs], x: torch.Tensor) -> Optional[QuantArgs]:
@@ -136,6 +141,9 @@ def qparams_from_range(xmin: torch.Tensor, xmax: torch.Tensor, args: QuantArgs) 
         return scale, torch.zeros_like(scale)
     if args.symmetric:
         absmax = torch.maximum(xmin.abs(), xmax.abs())
+        if args.full_range:
+            scale = _stored((absmax / -args.qmin).clamp(min=eps), args)
+            return torch.where(xmax.abs() > xmin.abs(), -scale, scale), torch.zeros_like(scale)
         half_range = args.qmax if args.is_float else (args.qmax - args.qmin) / 2
         scale = _stored((absmax / half_range).clamp(min=eps), args)
         return scale, torch.zeros_like(scale)

@@ -1,0 +1,225 @@
+"""TEQ (Cheng et al., 2023; Intel Neural Compressor's Trainable Equivalent Transformation): per block, one
+scale s per input channel of every subset whose prev_op can absorb it, learned with Adam on the MSE between
+the quantized block's output and the float block's output, then folded exactly as AWQ's scales are
+(prev_op's output channels / s, the subset's weight columns · s).
+
+While it trains, each quantized linear computes with R·Q(R⁻¹ W C)·C⁻¹, C = diag(s) of its own subset and
+R = diag(s') of the subset it feeds when it is that subset's prev_op (v_proj for o_proj, up_proj for
+down_proj): the function the folded model computes, without folding at every step. Q is the weight grid
+with a straight-through gradient (INC's fake quant is the identity backwards), so s moves only through
+the rounding residual Q(M) - M. As INC: scales start at 1 (or 1/sqrt(max|W|) per column, `sqrt_w_init`),
+are clipped to >= 1e-5, Adam with betas (0.9, 0.9), a linear schedule with warmup. INC trains the whole
+model on the LM loss; here each block trains on its output error on `batch_size` samples per step, like
+llmc's other learned methods. The result is an ordinary grid, so every export writes it.
+"""
+from __future__ import annotations
+
+from typing import Callable, Literal, Optional
+
+import torch
+from loguru import logger
+from pydantic import Field, field_validator
+from torch import nn
+
+from llmc.algorithms.base import Algorithm, Options
+from llmc.algorithms.equivalence import fold_plan
+from llmc.algorithms.minibatch import backward_mean, sample_ids
+from llmc.algorithms.signround import CyclicSampler
+from llmc.engine.block import block_output
+from llmc.errors import ConfigError
+from llmc.quant.quantizer import QuantArgs, bind_global, calibrate, dequantize, grouped, quantize
+from llmc.registry import ALGORITHMS
+
+MIN_SCALE = 1e-5  # INC clips the trained scales to this before using or folding them
+
+
+class TeqOptions(Options):
+    train_steps: int = Field(100, ge=0)          # per block (INC's train(train_steps=100))
+    lr: float = Field(1e-3, gt=0)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    lr_scheduler_type: Literal["linear", "constant"] = "linear"
+    betas: tuple[float, float] = (0.9, 0.9)
+    weight_decay: float = Field(0.0, ge=0)       # Adam's L2 term, as INC's torch.optim.Adam
+    batch_size: int = Field(8, ge=1)             # calibration samples per step
+    sqrt_w_init: bool = False                    # start at 1/sqrt(max |W| per input column) instead of 1
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError(f"betas {list(v)}: each must be in [0, 1)")
+        return v
+
+
+def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
+    """transformers' linear schedule (INC's default): 0 → 1 over `warmup` steps, then linearly to 0 at `total`."""
+    if step < warmup:
+        return step / max(1, warmup)
+    if kind == "constant":
+        return 1.0
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+class TeqWeight(nn.Module):
+    """A QuantLinear's `lwc` hook while TEQ trains: its weight as R·Q(R⁻¹ W C)·C⁻¹, with straight-through
+    rounding; `col()` / `row()` give the current per-input / per-output scales (or are None)."""
+
+    def __init__(self, args: QuantArgs, col: Optional[Callable[[], torch.Tensor]] = None,
+                 row: Optional[Callable[[], torch.Tensor]] = None):
+        super().__init__()
+        self.args, self.col, self.row = args, col, row
+
+    def fake_quant(self, weight: torch.Tensor) -> torch.Tensor:
+        m = weight.float()
+        col = self.col() if self.col is not None else None
+        row = self.row() if self.row is not None else None
+        if row is not None:
+            m = m / row.view(-1, 1)
+        if col is not None:
+            m = m * col.view(1, -1)
+        args = bind_global(self.args, m)
+        mg = grouped(m, args)
+        with torch.no_grad():
+            scale, zero = calibrate(mg.detach(), args)
+            residual = dequantize(quantize(mg.detach(), scale, zero, args), scale, zero) - mg.detach()
+        q = (mg + residual).reshape(m.shape)
+        if col is not None:
+            q = q / col.view(1, -1)
+        if row is not None:
+            q = q * row.view(-1, 1)
+        return q.to(weight.dtype)
+
+
+def _clipped(p: torch.Tensor) -> torch.Tensor:
+    return p.clamp(min=MIN_SCALE)
+
+
+@ALGORITHMS.register("TEQ", "Teq")
+class TEQ(Algorithm):
+    name = "TEQ"
+    Options = TeqOptions
+    data_driven = True
+    needs_targets = True
+    keeps_float = True  # weights change only by the folds
+    folds = True
+
+    @classmethod
+    def check(cls, config) -> None:
+        TeqOptions.model_validate(config.quant.special)
+        w = config.quant.weight
+        if w is None:
+            raise ConfigError("quant.weight", "TEQ learns scales for weight quantization: a weight section is required")
+        if w.calib_algo not in ("minmax", "mse"):
+            raise ConfigError("quant.weight.calib_algo", f"'{w.calib_algo}': TEQ recomputes the grid of the scaled "
+                              "weight at every step; allowed: minmax, mse")
+        if config.quant.act is not None:
+            raise ConfigError("quant.act", "TEQ is weight-only (INC's weight-only TEQ): remove the act section, or use "
+                              "SmoothQuant / OmniQuant (let: True) for learned scales with quantized activations")
+
+    # ---- the block transform ----------------------------------------------------------------------
+    def apply(self, job, targets):
+        opts: TeqOptions = self.options
+        qlinears = self.install_all(job)
+        for p in job.block.parameters():
+            p.requires_grad_(False)
+        plans = self._plans(job)
+        self._attach(job, qlinears, plans)
+        try:
+            if opts.train_steps > 0 and plans:
+                self._train(job, targets, [p for _, _, p in plans])
+        finally:
+            for q in qlinears.values():
+                q.lwc = None
+        with torch.no_grad():
+            for subset, fold, p in plans:
+                fold.apply(_clipped(p.detach()))
+        for q in qlinears.values():
+            q.set_weight_qparams()
+        return {}
+
+    def _plans(self, job) -> list[tuple]:
+        """(subset, fold, scale parameter) for every subset with quantized linears whose prev_op takes a scale."""
+        plans = []
+        for subset in job.subsets:
+            if not job.quantized_layers(subset):
+                continue
+            fold = fold_plan(job, subset)
+            if fold is None:
+                continue
+            channels = fold.reduced or fold.linears[0].in_features
+            device = fold.linears[0].weight.device
+            if self.options.sqrt_w_init:
+                wmax = fold.reduce(torch.stack([lin.weight.detach().abs().amax(0).float()
+                                                for lin in fold.linears]).amax(0), "max")
+                init = torch.where(wmax > 0, wmax.clamp(min=1e-30).rsqrt(), torch.ones_like(wmax))
+            else:
+                init = torch.ones(channels, device=device)
+            plans.append((subset, fold, nn.Parameter(init.to(device))))
+        return plans
+
+    def _attach(self, job, qlinears, plans) -> None:
+        cols: dict[str, Callable] = {}
+        rows: dict[str, Callable] = {}
+        for subset, fold, p in plans:
+            for name in subset.layers:
+                cols[name] = lambda fold=fold, p=p: fold.expand(_clipped(p))
+            if subset.prev_op in qlinears:
+                rows[subset.prev_op] = self._row_scale(qlinears[subset.prev_op].out_features, fold, p)
+        for name, q in qlinears.items():
+            if name in cols or name in rows:
+                q.lwc = TeqWeight(q.wargs, cols.get(name), rows.get(name))
+
+    @staticmethod
+    def _row_scale(out_features: int, fold, p) -> Callable[[], torch.Tensor]:
+        """prev_op's output scale: s on the rows that feed the subset (all, or v's rows of a fused qkv), 1 elsewhere."""
+        lo, hi = fold.rows if fold.rows is not None else (0, out_features)
+
+        def row() -> torch.Tensor:
+            s = _clipped(p)
+            return torch.cat([s.new_ones(lo), s, s.new_ones(out_features - hi)]) if (lo, hi) != (0, out_features) else s
+
+        return row
+
+    # ---- training -------------------------------------------------------------------------------
+    def _train(self, job, targets, params: list[nn.Parameter]) -> None:
+        opts: TeqOptions = self.options
+        ctx = job.ctx
+        for p in params:
+            p.requires_grad_(True)
+        optimizer = torch.optim.Adam(params, lr=opts.lr, betas=opts.betas, weight_decay=opts.weight_decay)
+        warmup = int(opts.train_steps * opts.warmup_ratio)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda k: lr_factor(k, opts.train_steps, warmup, opts.lr_scheduler_type))
+        owned, n = sample_ids(job)
+        # the same global mini-batches on every process (seeded by block): the result does not depend on
+        # the process count
+        sampler = CyclicSampler(n, opts.batch_size, torch.Generator().manual_seed(ctx.seed + job.index))
+        first = last = None
+        try:
+            for _ in range(opts.train_steps):
+                mine = [owned[i] for i in sampler.next() if i in owned]
+                sse, count = self.sse(job, targets, mine) if mine else (None, 0)
+                last = backward_mean(ctx, params, sse, count).item()
+                first = last if first is None else first
+                optimizer.step()
+                schedule.step()
+        finally:
+            for p in params:
+                p.grad = None
+                p.requires_grad_(False)
+        s = torch.cat([_clipped(p.detach()).flatten() for p in params])
+        logger.info(f"TEQ {job.name}: loss {first:.6g} at step 0 -> {last:.6g}; scales in "
+                    f"[{s.min().item():.4g}, {s.max().item():.4g}]")
+
+    def sse(self, job, targets, picks) -> tuple[torch.Tensor, int]:
+        """Summed squared error of the quantized block on the picked samples against the float targets,
+        and the number of values summed."""
+        total, count = None, 0
+        for hidden, args, kwargs, rows in job.sample_batches(picks):
+            with job.ctx.autocast():
+                out = block_output(job.block(hidden, *args, **kwargs)).float()
+            want = torch.cat([targets[b][r:r + 1] for b, r in rows]).to(out.device).float()
+            err = (out - want).pow(2).sum()
+            total = err if total is None else total + err
+            count += want.numel()
+        return total, count

@@ -106,6 +106,11 @@ def test_gguf_loads_in_transformers_with_the_fake_quant_logits(tmp_path, kind):
     ids = torch.randint(0, 384, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, fake_logits(model, ids))
+    from transformers import AutoTokenizer  # the file carries the tokenizer too
+
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "g"), gguf_file="model.gguf")
+    text = "Quantization maps floating point weights to a small grid."
+    assert tok(text)["input_ids"] == make_tokenizer()(text)["input_ids"] and tok.eos_token == "<eos>"
 
 
 def test_gguf_refuses_scales_that_float16_cannot_hold(tmp_path):
@@ -234,7 +239,8 @@ def test_trtllm_checkpoint_unpacks_to_the_fake_quant_weights(tmp_path, tp, pp):
         fake = torch.cat([layers[f"{p}.self_attn.{x}_proj"].fake_weight().detach() for x in "qkv"])
         assert torch.equal(qkv, fake)
         for hf, trt in TRT_OF.items():
-            w = trt_dequant({k: merged[f"transformer.layers.{i}.{trt}.{k}"] for k in ("weight", "weights_scaling_factor")}, 64)
+            t = {k: merged[f"transformer.layers.{i}.{trt}.{k}"] for k in ("weight", "weights_scaling_factor")}
+            w = trt_dequant(t, 64)
             assert torch.equal(w, layers[f"{p}.{hf}"].fake_weight().detach()), hf
         assert merged[f"transformer.layers.{i}.input_layernorm.weight"].dtype == torch.float16
     assert torch.equal(merged["lm_head.weight"], model.lm_head.weight.detach().half())

@@ -153,8 +153,8 @@ def check_packing(config: Config) -> None:
     ct = [k for k in ("save_vllm", "save_sgl", "save_lightllm") if getattr(save, k)]
     if w.need_pack is not None:
         if not ct:
-            raise ConfigError("quant.weight.need_pack", f"{w.need_pack}: packing is what save_vllm/save_sgl "
-                              "(compressed-tensors) write; neither is set, so remove need_pack or set one")
+            raise ConfigError("quant.weight.need_pack", f"{w.need_pack}: packing is what save_vllm/save_sgl/"
+                              "save_lightllm (compressed-tensors) write; none is set, so remove need_pack or set one")
         if w.need_pack and isinstance(w.bit, str):
             raise ConfigError("quant.weight.need_pack", f"True with bit {w.bit}: fp8 weights are written "
                               "float-quantized (one byte each), not packed; remove need_pack")

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from llmc.cli import main
+from llmc.errors import UserError
 from llmc.export import gguf_format, trtllm
 from llmc.export.save import load_fake_quant
 from llmc.models.adapter import adapter_class, set_module
@@ -114,9 +115,12 @@ def test_gguf_loads_in_transformers_with_the_fake_quant_logits(tmp_path, kind):
 
 
 def test_gguf_refuses_scales_that_float16_cannot_hold(tmp_path):
-    model = quantized(QuantArgs(bit=4, symmetric=False, granularity="per_group", group_size=32,
-                                scale_dtype="float16"))  # the group minima (zero+8)·scale are not all float16
-    with pytest.raises(Exception, match="float16"):
+    # float16 scales (as save_autoawq's grid): Q4_1's block minima (zero+8)·scale are then not all float16
+    model = quantized(QuantArgs(bit=4, symmetric=False, granularity="per_group", group_size=32), fp16_scales=True)
+    with pytest.raises(UserError, match="not a float16"):
+        gguf_format.save(model, make_tokenizer(), tmp_path / "g")
+    model = quantized(QuantArgs(bit=4, symmetric=True, granularity="per_group", group_size=32))  # float32 scales
+    with pytest.raises(UserError, match="not float16 numbers"):
         gguf_format.save(model, make_tokenizer(), tmp_path / "g")
     assert not (tmp_path / "g").exists()
 
@@ -158,6 +162,21 @@ def test_gguf_refuses_other_families_before_loading(make_config, capsys, monkeyp
     monkeypatch.setattr("llmc.run.load_model", lambda *a, **k: pytest.fail("weights loaded"))
     assert main(["--config", make_config({"save": {"save_gguf": True}}, family="qwen2")]) == 2
     assert "model family qwen2" in capsys.readouterr().err
+
+
+def test_cli_gguf_beside_a_float16_format_keeps_both_exact(make_config, tmp_path):
+    """Q4_1 wants 7-bit float16 scales, AutoAWQ (MLC-LLM) float16 ones: the run takes the former, both hold it."""
+    path = make_config({"save": {"save_gguf": True, "save_mlcllm": True, "save_fake": True}})
+    assert main(["--config", path]) == 0
+    out = tmp_path / "out"
+    ref = load_fake_quant(out / "fake_quant_model")
+    weights = gguf_weights(out / "gguf_quant_model" / "model.gguf")
+    mlc, _ = read(out / "mlcllm_quant_model")
+    for name, m in ref.named_modules():
+        if isinstance(m, torch.nn.Linear) and ".layers." in name:
+            assert torch.equal(weights[gguf_name(name)][0], m.weight.detach()), name
+            w = awq_dequant({k: mlc[f"{name}.{k}"] for k in ("qweight", "qzeros", "scales")}, 32)[0]
+            assert torch.equal(w, m.weight.detach()), name
 
 
 # ---------------------------------------------------------------- TensorRT-LLM

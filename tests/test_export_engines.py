@@ -219,7 +219,17 @@ def trt_reassemble(folder, cfg, tp, pp):
     row-parallel (dense, proj) columns per rank, layers per pipeline stage."""
     head = cfg.hidden_size // cfg.num_attention_heads
     qkv_rows = [cfg.num_attention_heads * head, cfg.num_key_value_heads * head, cfg.num_key_value_heads * head]
-    ranks = [load_file(str(folder / f"rank{r}.safetensors")) for r in range(tp * pp)]
+    per_stage = cfg.num_hidden_layers // pp
+
+    def global_names(rank, tensors):  # each stage numbers its layers from 0; rank = pp_rank * tp + tp_rank
+        def rename(k):
+            if not k.startswith("transformer.layers."):
+                return k
+            _, _, i, rest = k.split(".", 3)
+            return f"transformer.layers.{int(i) + rank // tp * per_stage}.{rest}"
+        return {rename(k): v for k, v in tensors.items()}
+
+    ranks = [global_names(r, load_file(str(folder / f"rank{r}.safetensors"))) for r in range(tp * pp)]
     merged = {}
     for name in sorted(set().union(*ranks)):
         shards = [r[name] for r in ranks if name in r]
@@ -264,9 +274,11 @@ def test_trtllm_checkpoint_unpacks_to_the_fake_quant_weights(tmp_path, tp, pp):
         assert merged[f"transformer.layers.{i}.input_layernorm.weight"].dtype == torch.float16
     assert torch.equal(merged["lm_head.weight"], model.lm_head.weight.detach().half())
     assert torch.equal(merged["transformer.vocab_embedding.weight"], model.model.embed_tokens.weight.detach().half())
-    if pp == 2:  # layer 0 on stage 0, layer 1 on stage 1; the head on the last stage only
-        first = load_file(str(folder / "rank0.safetensors"))
+    if pp == 2:  # layer 0 on stage 0, layer 1 on stage 1 (named 0 there); the head on the last stage only
+        first, last = (load_file(str(folder / f"rank{r}.safetensors")) for r in (0, tp * pp - 1))
         assert not any(".layers.1." in k for k in first) and "lm_head.weight" not in first
+        assert not any(".layers.1." in k for k in last) and "lm_head.weight" in last
+        assert "transformer.vocab_embedding.weight" not in last
 
 
 def test_cli_trtllm_end_to_end(make_config, tmp_path):

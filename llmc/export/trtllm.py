@@ -16,7 +16,8 @@ grid is found with float16 scales (set for you) and the int4 layers hold it exac
 Refused: other bits/granularities/group sizes, asymmetric weights (the zero-point variant's layout is
 kernel-specific), activation or KV-cache quantization, families other than Llama, a q/k/v or gate/up split
 between float and quantized. Tensor parallelism splits qkv per head, fc/gate by rows, dense/proj by input
-groups and lm_head by vocabulary rows; pipeline parallelism splits the layers.
+groups and lm_head by vocabulary rows; pipeline parallelism splits the layers, each stage numbering its
+own from 0 (as TensorRT-LLM's converters write them); rank = pp_rank·tp_size + tp_rank.
 """
 from __future__ import annotations
 
@@ -130,16 +131,20 @@ def rank_tensors(modules, other, cfg, tp: int, pp: int, rank: int) -> dict[str, 
     out = {}
     for name, tensors in list(modules.items()) + [(k.rsplit(".", 1)[0], {k.rsplit(".", 1)[1]: v})
                                                    for k, v in other.items()]:
+        linear = name in modules
         if name.startswith("transformer.layers."):
-            if int(name.split(".")[2]) not in stage:
+            index = int(name.split(".")[2])
+            if index not in stage:
                 continue
+            # each pipeline stage numbers its layers from 0, as TensorRT-LLM's converters write them
+            name = f"transformer.layers.{index - stage.start}." + name.split(".", 3)[3]
         elif name in ("lm_head", "transformer.ln_f") and pp_rank != pp - 1:
             continue
         elif name == "transformer.vocab_embedding" and pp_rank != 0:
             continue
         for kind, t in tensors.items():
             full = f"{name}.{kind}"
-            if tp > 1 and name in modules:
+            if tp > 1 and linear:
                 if name.endswith(ROW_PARALLEL):
                     if kind != "bias":  # a row-parallel bias is added once, after the all-reduce
                         t = t.chunk(tp, dim=1)[tp_rank]
@@ -202,6 +207,9 @@ def save(model, tokenizer, path, recipe: Optional[dict] = None, key: str = "save
     group = groups.pop()
     _check_mapping(cfg, tp_size, pp_size, group, key)
     modules, other, excluded = full_weights(model, key, torch.float16)
+    if pp_size > 1 and any(name.startswith("transformer.layers.") for name in excluded):
+        refuse(key, FORMAT, f"float linears inside blocks ({', '.join(excluded[:3])}, ...) with pp_size {pp_size}",
+               "each pipeline stage numbers its layers from 0, so one exclude_modules list cannot name them")
     with atomic_dir(path) as tmp:
         for rank in range(tp_size * pp_size):
             save_file(rank_tensors(modules, other, cfg, tp_size, pp_size, rank), str(tmp / f"rank{rank}.safetensors"))

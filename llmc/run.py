@@ -132,7 +132,7 @@ def run(config: Config, device: Optional[str] = None, config_path: Optional[str]
     for stage in stages:
         check_against_model(stage, adapter_cls(meta_model(hf_config)))
     # a format that cannot store the settings (or the family) refuses now, not after the run
-    exports = packed_exports(config, getattr(hf_config, "model_type", None))
+    exports = packed_exports(config, hf_config)
     stored_scales(exports, stages)
     out = output_dir(config, config_path, overwrite or not ctx.is_main, resume)  # rank 0 decides
     if results_path:

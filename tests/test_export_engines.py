@@ -300,6 +300,10 @@ def test_cli_trtllm_end_to_end(make_config, tmp_path):
     ({"quant": {"weight": {"symmetric": True}}, "save": {"save_trtllm": True}}, "save.save_trtllm", "group_size=32"),
     ({"save": {"trtllm_cfg": {"tp_size": 2}}}, "save", "trtllm_cfg configures save_trtllm"),
     ({"save": {"save_trtllm": True, "trtllm_cfg": {"tp_size": 0}}}, "save.trtllm_cfg.tp_size", ""),
+    ({"quant": {"weight": {"symmetric": True, "group_size": 64}},  # the tiny model has 3 layers, 2 kv heads
+      "save": {"save_trtllm": True, "trtllm_cfg": {"pp_size": 2}}}, "save.trtllm_cfg", "num_hidden_layers"),
+    ({"quant": {"weight": {"symmetric": True, "group_size": 64}},
+      "save": {"save_trtllm": True, "trtllm_cfg": {"tp_size": 2}}}, "save.trtllm_cfg", "group_size = 1"),
 ])
 def test_trtllm_refusals_before_loading(make_config, capsys, monkeypatch, changes, key, text):
     monkeypatch.setattr("llmc.run.load_model", lambda *a, **k: pytest.fail("weights loaded"))

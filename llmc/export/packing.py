@@ -69,6 +69,8 @@ class PackedFormat:
     save: Callable[..., None]               # save(model, tokenizer, path, recipe=None, key=...)
     # the dtype the format stores scales in, when not the model's (or a function of the weight settings)
     scale_dtype: Optional[str | Callable[[QuantArgs], Optional[str]]] = None
+    # checks needing the checkpoint's config (shapes against the format's layout), before any weight loads
+    check_model: Optional[Callable[[object, object], None]] = None
 
     def stored_scale_dtype(self, weight: Optional[QuantArgs]) -> Optional[str]:
         return self.scale_dtype(weight) if callable(self.scale_dtype) else self.scale_dtype
@@ -78,9 +80,9 @@ def register(fmt: PackedFormat) -> PackedFormat:
     return EXPORTERS.register(fmt.key)(fmt)
 
 
-def packed_exports(config, family: Optional[str] = None) -> list[PackedFormat]:
+def packed_exports(config, hf_config=None) -> list[PackedFormat]:
     """The packed formats `config.save` turns on, each checked against the quant settings (and the
-    checkpoint's `family`, its model_type, when known)."""
+    checkpoint's config, when known: its family and shapes)."""
     import llmc.export.autoawq  # noqa: F401  (registration)
     import llmc.export.compressed  # noqa: F401
     import llmc.export.gguf_format  # noqa: F401
@@ -88,9 +90,11 @@ def packed_exports(config, family: Optional[str] = None) -> list[PackedFormat]:
     import llmc.export.trtllm  # noqa: F401
 
     chosen = [EXPORTERS.get(key) for key in EXPORTERS if getattr(config.save, key, False)]
-    spec = Spec.of_config(config, family)
+    spec = Spec.of_config(config, getattr(hf_config, "model_type", None))
     for fmt in chosen:
         fmt.check(spec, f"save.{fmt.key}")
+        if fmt.check_model is not None and hf_config is not None:
+            fmt.check_model(config, hf_config)
     return chosen
 
 

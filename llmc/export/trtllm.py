@@ -28,7 +28,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from llmc.errors import UserError
+from llmc.errors import ConfigError, UserError
 from llmc.export.atomic import atomic_dir
 from llmc.export.packing import RECIPE, PackedFormat, Spec, common_checks, group_table, refuse, register
 from llmc.quant.fake_linear import quant_linears
@@ -188,7 +188,17 @@ def _check_mapping(cfg, tp: int, pp: int, group: int, key: str) -> None:
              "num_attention_heads*head_dim / group_size": (cfg.num_attention_heads * head // group, tp)}
     for what, (n, parts) in needs.items():
         if n % parts:
-            raise UserError(f"{key} with trtllm_cfg tp_size={tp}, pp_size={pp}: {what} = {n} does not split in {parts}")
+            raise ConfigError(key, f"tp_size={tp}, pp_size={pp}: the model's {what} = {n} does not split in {parts}")
+
+
+def check_model(config, hf_config) -> None:
+    """trtllm_cfg against the checkpoint's shapes, before any weight loads."""
+    if hf_config.model_type not in FAMILIES:
+        return  # check() refuses the family
+    trt = config.save.trtllm_cfg
+    weight = config.stage_configs()[-1].quant.weight
+    _check_mapping(hf_config, trt.tp_size if trt else 1, trt.pp_size if trt else 1, weight.group_size,
+                   "save.trtllm_cfg")
 
 
 def save(model, tokenizer, path, recipe: Optional[dict] = None, key: str = "save.save_trtllm",
@@ -205,7 +215,7 @@ def save(model, tokenizer, path, recipe: Optional[dict] = None, key: str = "save
     if len(groups) > 1:
         refuse(key, FORMAT, f"group sizes {sorted(groups)}", "its config holds one group_size")
     group = groups.pop()
-    _check_mapping(cfg, tp_size, pp_size, group, key)
+    _check_mapping(cfg, tp_size, pp_size, group, "save.trtllm_cfg")
     modules, other, excluded = full_weights(model, key, torch.float16)
     if pp_size > 1 and any(name.startswith("transformer.layers.") for name in excluded):
         refuse(key, FORMAT, f"float linears inside blocks ({', '.join(excluded[:3])}, ...) with pp_size {pp_size}",
@@ -227,4 +237,5 @@ def _save(model, tokenizer, path, recipe: Optional[dict] = None, key: str = "sav
     save(model, tokenizer, path, recipe, key, trt.get("tp_size", 1), trt.get("pp_size", 1))
 
 
-TRTLLM = register(PackedFormat("save_trtllm", "trtllm_quant_model", check, _save, scale_dtype="float16"))
+TRTLLM = register(PackedFormat("save_trtllm", "trtllm_quant_model", check, _save, scale_dtype="float16",
+                               check_model=check_model))

@@ -330,3 +330,13 @@ def test_cli_mlcllm_and_lightllm_folders(make_config, tmp_path):
     ids = torch.randint(0, 384, (2, 24), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert torch.equal(light(ids).logits, ref(ids).logits)
+
+
+def test_dry_run_lists_and_refuses_engine_exports(make_config, capsys):
+    ok = make_config({"save": {"save_gguf": True, "save_mlcllm": True}})
+    assert main(["--config", ok, "--dry-run"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("packed exports:"))
+    assert "save_mlcllm -> mlcllm_quant_model/" in line and "save_gguf -> gguf_quant_model/" in line
+    bad = make_config({"quant": {"weight": {"group_size": 64}}, "save": {"save_gguf": True}}, name="bad.yml")
+    assert main(["--config", bad, "--dry-run"]) == 2
+    assert "save.save_gguf" in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from llmc.config.checks import algorithm_options, check_against_model
 from llmc.config.schema import Config
+from llmc.export.packing import packed_exports
 from llmc.models import adapter_class, load_hf_config, meta_model, resolve_source
 
 GIB = 1024 ** 3
@@ -31,6 +32,7 @@ def plan(config: Config, ignored_names) -> str:
     stages = config.stage_configs()
     for stage in stages:
         check_against_model(stage, adapter)
+    exports = packed_exports(config, hf_config)  # refused here as the run refuses them, before any weight
     ignored = ignored_names(config, adapter)
     blocks = adapter.block_list()
     hidden = hf_config.hidden_size
@@ -51,6 +53,8 @@ def plan(config: Config, ignored_names) -> str:
         for s in subsets:
             lines.append(f"  {', '.join(s.layers)}  <- prev_op {s.prev_op}, loss on {s.inspect or 'the block'}"
                          + (f"; float readers {', '.join(s.readers)}" if s.readers else ""))
+    if exports:
+        lines.append("packed exports: " + ", ".join(f"{f.key} -> {f.folder}/" for f in exports))
     lines.append(f"ignored (float) linears: {len(ignored)}" + (f": {', '.join(sorted(ignored)[:8])}"
                                                              + (" ..." if len(ignored) > 8 else "") if ignored else ""))
     total = sum(p.numel() for p in adapter.model.parameters())

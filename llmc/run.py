@@ -104,13 +104,16 @@ def ignored_names(config: Config, adapter) -> set[str]:
 def stored_scales(exports: list, stages: list[Config]) -> None:
     """Formats that store scales in their own dtype (AutoAWQ and GPTQ: float16) get grids found with such
     scales from the start, so the exported checkpoint computes exactly what the fake-quant model evaluated."""
-    wanted = {fmt.scale_dtype for fmt in exports if fmt.scale_dtype}
-    if len(wanted) != 1:  # none asked, or formats disagree: leave the config's choice
-        return
-    dtype = wanted.pop()
-    keys = "/".join(fmt.key for fmt in exports if fmt.scale_dtype)
     for stage in stages:
         weight = stage.quant.weight
+        asked = {fmt.key: fmt.stored_scale_dtype(QuantArgs.from_cfg(weight)) for fmt in exports}
+        wanted = set(asked.values()) - {None}
+        if wanted == {"float16", "float16_7bit"}:  # a 7-bit float16 is a float16: one grid serves both
+            wanted = {"float16_7bit"}
+        if len(wanted) != 1:  # none asked, or formats disagree: leave the config's choice
+            continue
+        dtype = wanted.pop()
+        keys = "/".join(key for key, d in asked.items() if d)
         if weight is not None and weight.scale_dtype is None:
             weight.scale_dtype = dtype
             logger.info(f"{keys}: weight scales rounded to {dtype} as the format stores them "
@@ -130,7 +133,8 @@ def run(config: Config, device: Optional[str] = None, config_path: Optional[str]
     adapter_cls = adapter_class(getattr(hf_config, "model_type", None), config.model.type)
     for stage in stages:
         check_against_model(stage, adapter_cls(meta_model(hf_config)))
-    exports = packed_exports(config)  # a format that cannot store the settings refuses now, not after the run
+    # a format that cannot store the settings (or the family) refuses now, not after the run
+    exports = packed_exports(config, hf_config)
     stored_scales(exports, stages)
     out = output_dir(config, config_path, overwrite or not ctx.is_main, resume)  # rank 0 decides
     if results_path:

@@ -20,7 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yml"))
 # LLMC's folder names for what `save` asks for
 SAVED = {"save_trans": "transformed_model", "save_fake": "fake_quant_model", "save_autoawq": "autoawq_quant_model",
-         "save_gptq": "gptq_quant_model", "save_vllm": "vllm_quant_model", "save_sgl": "sgl_quant_model"}
+         "save_gptq": "gptq_quant_model", "save_vllm": "vllm_quant_model", "save_sgl": "sgl_quant_model",
+         "save_mlcllm": "mlcllm_quant_model", "save_lightllm": "lightllm_quant_model",
+         "save_trtllm": "trtllm_quant_model", "save_gguf": "gguf_quant_model/model.gguf"}
 
 
 def _jobs() -> list[list[str]]:
@@ -93,7 +95,8 @@ def _overrides(raw: dict, model: str) -> list[str]:
 def _expected_outputs(raw: dict) -> list[Path]:
     save = raw.get("save") or {}
     out = [Path(save["save_path"]) / "results.json"]
-    out += [Path(save["save_path"]) / folder / "config.json" for key, folder in SAVED.items() if save.get(key)]
+    out += [Path(save["save_path"]) / (folder if folder.endswith(".gguf") else f"{folder}/config.json")
+            for key, folder in SAVED.items() if save.get(key)]
     for quant in raw.get("stages") or [raw["quant"]]:
         special = quant.get("special", {})
         if special.get("save_scale"):

@@ -28,12 +28,11 @@ from loguru import logger
 from torch import nn
 
 from llmc.algorithms.base import Algorithm, Options
+from llmc.config.schema import PACKED_SAVES as PACKED  # every packed export refuses online rotations
 from llmc.errors import ConfigError
 from llmc.models.adapter import get_module
 from llmc.quant.hadamard import OnlineHadamard, attach, is_hadamard_order, random_hadamard, random_orthogonal
 from llmc.registry import ALGORITHMS
-
-PACKED = ("save_autoawq", "save_gptq", "save_vllm", "save_sgl")
 
 
 class QuarotOptions(Options):

@@ -29,7 +29,7 @@ from llmc.algorithms.base import Algorithm, Options
 from llmc.algorithms.equivalence import fold_plan
 from llmc.algorithms.minibatch import backward_mean, sample_ids
 from llmc.errors import ConfigError, UserError
-from llmc.quant.quantizer import QuantArgs, calibrate, dequantize, grouped, qparams_from_range, row_range
+from llmc.quant.quantizer import QuantArgs, calibrate, dequantize, grouped, qparams_from_range, row_range, store_scale
 from llmc.registry import ALGORITHMS
 
 GAMMA, ZETA = -0.1, 1.1  # the rectified sigmoid's stretch (AdaRound's, LLMC's RectifiedSigmoid(-0.1, 1.1))
@@ -122,8 +122,7 @@ class SoftRounding(nn.Module):
     def on_grid(self, shape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
         """(weight, scale, zero, fraction of codes off round-to-nearest): the weight as its codes put it."""
         scale = self.out_scale().detach().clamp(min=torch.finfo(torch.float32).eps)
-        if self.args.scale_dtype not in (None, "float32"):  # as a checkpoint will store it
-            scale = scale.to(getattr(torch, self.args.scale_dtype)).float()
+        scale = store_scale(scale, self.args)  # as a checkpoint will store it
         codes = self.codes()
         flipped = ((self.alpha > 0) != self.nearest_up).float().mean().item()  # LLMC's change ratio
         return dequantize(codes, scale, self.zero).reshape(shape), scale, self.zero, flipped

@@ -6,7 +6,7 @@ import os
 from pydantic import ValidationError
 
 from llmc.config.loader import format_validation_error
-from llmc.config.schema import Config
+from llmc.config.schema import PACKED_SAVES, Config
 from llmc.errors import ConfigError
 from llmc.registry import ALGORITHMS, DATASETS, PREPROCESSORS
 
@@ -186,11 +186,11 @@ def check_packing(config: Config) -> None:
     w = q.weight
     if w is None:
         return
-    ct = [k for k in ("save_vllm", "save_sgl") if getattr(save, k)]
+    ct = [k for k in ("save_vllm", "save_sgl", "save_lightllm") if getattr(save, k)]
     if w.need_pack is not None:
         if not ct:
-            raise ConfigError("quant.weight.need_pack", f"{w.need_pack}: packing is what save_vllm/save_sgl "
-                              "(compressed-tensors) write; neither is set, so remove need_pack or set one")
+            raise ConfigError("quant.weight.need_pack", f"{w.need_pack}: packing is what save_vllm/save_sgl/"
+                              "save_lightllm (compressed-tensors) write; none is set, so remove need_pack or set one")
         if w.need_pack and isinstance(w.bit, str):
             raise ConfigError("quant.weight.need_pack", f"True with bit {w.bit}: fp8 weights are written "
                               "float-quantized (one byte each), not packed; remove need_pack")
@@ -201,9 +201,9 @@ def check_packing(config: Config) -> None:
             raise ConfigError("quant.weight.need_pack", f"False: {'/'.join(ct)} write weight-only models "
                               "pack-quantized (int32-packed), the format vLLM and SGLang load; set need_pack: True")
     if w.pack_version is not None:
-        if not save.save_autoawq:
+        if not (save.save_autoawq or save.save_mlcllm):
             raise ConfigError("quant.weight.pack_version", f"{w.pack_version}: the AutoAWQ packing, which only "
-                              "save_autoawq writes; set save.save_autoawq: True or remove pack_version")
+                              "save_autoawq/save_mlcllm write; set save.save_autoawq: True or remove pack_version")
         if w.pack_version != "gemm_pack":
             raise ConfigError("quant.weight.pack_version", f"{w.pack_version}: save_autoawq writes the GEMM "
                               "layout (gemm_pack), which AutoAWQ, transformers and vLLM load; set gemm_pack")
@@ -221,7 +221,7 @@ def _check_offload(config: Config) -> None:
     if whole:
         raise ConfigError("model.offload", f"{mode}: eval type {'/'.join(whole)} needs the whole model in memory; "
                           "evaluate the saved model separately, or use ppl/token_acc (they run block by block)")
-    packed = [k for k in ("save_autoawq", "save_gptq", "save_vllm", "save_sgl") if getattr(config.save, k)]
+    packed = [k for k in PACKED_SAVES if getattr(config.save, k)]
     if packed:
         raise ConfigError("model.offload", f"{mode}: {'/'.join(packed)} do not stream yet; save_fake or save_trans "
                           "stream block by block, and the packed export can be made from the fake-quant model")

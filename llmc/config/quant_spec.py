@@ -60,7 +60,8 @@ class QuantSpecCfg(Section):
     percentile: float = Field(99.99, gt=0, le=100)
     # Round every scale to this dtype when it is found, so the fake-quant model is exactly what a format
     # storing such scales computes (AutoAWQ and GPTQ checkpoints store float16 scales).
-    scale_dtype: Optional[Literal["float32", "float16", "bfloat16"]] = None
+    # float16_7bit: float16 with 7 significant bits, so (zero + 8)·scale is a float16 too (save_gguf's Q4_1).
+    scale_dtype: Optional[Literal["float32", "float16", "bfloat16", "float16_7bit"]] = None
     # LLMC's round_zp: False keeps asymmetric zero points as floats (HQQ optimises them); only the
     # fake-quant model can hold them (packed exports refuse).
     round_zp: bool = True

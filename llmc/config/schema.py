@@ -14,6 +14,9 @@ from llmc.config.quant_spec import KVCacheCfg, QuantSpecCfg, quant_type_of  # no
 from llmc.quant.formats import FIXED_GROUP
 from llmc.config.section import Section
 
+# save keys that write real quantized checkpoints (llmc/export/): refused together where they cannot work
+PACKED_SAVES = ("save_autoawq", "save_gptq", "save_vllm", "save_sgl", "save_lightllm", "save_mlcllm", "save_trtllm",
+                "save_gguf")
 EVAL_POSITIONS = ("pretrain", "transformed", "fake_quant", "fake_quant_wo_kv")
 
 
@@ -203,6 +206,14 @@ class QuantCfg(Section):
         return self
 
 
+class TrtllmCfg(Section):
+    """LLMC's `save.trtllm_cfg`: the parallel mapping of the TensorRT-LLM checkpoint (one rank file per
+    tensor-parallel x pipeline-parallel rank)."""
+
+    tp_size: int = Field(1, ge=1)
+    pp_size: int = Field(1, ge=1)
+
+
 class SaveCfg(Section):
     save_trans: bool = False
     save_fake: bool = False
@@ -211,6 +222,11 @@ class SaveCfg(Section):
     save_gptq: bool = False
     save_vllm: bool = False
     save_sgl: bool = False
+    save_lightllm: bool = False   # LLMC's LightLLM folder: the compressed-tensors checkpoint save_vllm writes
+    save_mlcllm: bool = False     # MLC-LLM reads AutoAWQ GEMM weights (mlc_llm convert_weight --source-format awq)
+    save_trtllm: bool = False     # a TensorRT-LLM checkpoint (config.json + rank<i>.safetensors) for trtllm-build
+    trtllm_cfg: Optional[TrtllmCfg] = None
+    save_gguf: bool = False       # a .gguf (Q4_0 / Q4_1 / Q8_0) for llama.cpp
     # LLMC's LightLLM export: the static KV-cache scales as FP8 (e4m3) scales, in save_path/<lightllm_kv_cache_name>.
     save_lightllm_kv_calib: bool = False
     lightllm_kv_cache_name: str = "kv_cache_calib.json"
@@ -221,11 +237,11 @@ class SaveCfg(Section):
 
     @model_validator(mode="after")
     def _path(self) -> "SaveCfg":
-        wanted = [k for k in ("save_trans", "save_fake", "save_autoawq", "save_gptq", "save_vllm", "save_sgl",
-                              "save_lightllm_kv_calib")
-                  if getattr(self, k)]
+        wanted = [k for k in ("save_trans", "save_fake", "save_lightllm_kv_calib") + PACKED_SAVES if getattr(self, k)]
         if wanted and not self.save_path:
             raise ValueError(f"{'/'.join(wanted)} need save_path")
+        if self.trtllm_cfg is not None and not self.save_trtllm:
+            raise ValueError("trtllm_cfg configures save_trtllm, which is not set; set save_trtllm: True or remove it")
         return self
 
 

@@ -77,3 +77,6 @@ def save(model, tokenizer, path, recipe: Optional[dict] = None, key: str = "save
 
 
 AUTOAWQ = register(PackedFormat("save_autoawq", "autoawq_quant_model", check, save, scale_dtype="float16"))
+# MLC-LLM converts AutoAWQ GEMM weights (`mlc_llm convert_weight --quantization q4f16_autoawq --source-format awq
+# --source mlcllm_quant_model/model.safetensors`), so LLMC's save_mlcllm writes this same folder under its own name.
+MLCLLM = register(PackedFormat("save_mlcllm", "mlcllm_quant_model", check, save, scale_dtype="float16"))

@@ -257,3 +257,5 @@ def packed_zero_points(scheme, fmt: str) -> bool:
 
 VLLM = register(PackedFormat("save_vllm", "vllm_quant_model", check, save))
 SGL = register(PackedFormat("save_sgl", "sgl_quant_model", check, save))
+# LLMC's save_lightllm writes the checkpoint its save_vllm writes, into lightllm_quant_model/.
+LIGHTLLM = register(PackedFormat("save_lightllm", "lightllm_quant_model", check, save))

@@ -39,6 +39,7 @@ class Spec:
     kvcache: bool = False
     float_cols: bool = False  # OWQ: some input columns stay float
     axis0: bool = False       # HQQ axis 0: groups run along output channels
+    family: Optional[str] = None  # the checkpoint's model_type, for formats that name tensors per architecture
 
     @classmethod
     def of(cls, q: QuantLinear) -> "Spec":
@@ -46,7 +47,7 @@ class Spec:
                    float_cols=q.w_float_cols is not None, axis0=q.w_axis == 0)
 
     @classmethod
-    def of_config(cls, config) -> "Spec":
+    def of_config(cls, config, family: Optional[str] = None) -> "Spec":
         quant = config.stage_configs()[-1].quant  # the last stage's grid is the one the model ends with
         weight = QuantArgs.from_cfg(quant.weight)
         special = quant.special or {}
@@ -56,7 +57,8 @@ class Spec:
 
         _, options = algorithm_options(config.stage_configs()[-1])
         return cls(weight, QuantArgs.from_cfg(quant.act), g_idx, quant.kvcache is not None,
-                   float_cols=bool(getattr(options, "owq", False)), axis0=getattr(options, "axis", 1) == 0)
+                   float_cols=bool(getattr(options, "owq", False)), axis0=getattr(options, "axis", 1) == 0,
+                   family=family)
 
 
 @dataclass(frozen=True)
@@ -65,23 +67,34 @@ class PackedFormat:
     folder: str                             # written under save_path (LLMC's folder names)
     check: Callable[[Spec, str], None]      # raises ConfigError(key, ...) for what the format cannot store
     save: Callable[..., None]               # save(model, tokenizer, path, recipe=None, key=...)
-    scale_dtype: Optional[str] = None        # the dtype the format stores scales in, when not the model's
+    # the dtype the format stores scales in, when not the model's (or a function of the weight settings)
+    scale_dtype: Optional[str | Callable[[QuantArgs], Optional[str]]] = None
+    # checks needing the checkpoint's config (shapes against the format's layout), before any weight loads
+    check_model: Optional[Callable[[object, object], None]] = None
+
+    def stored_scale_dtype(self, weight: Optional[QuantArgs]) -> Optional[str]:
+        return self.scale_dtype(weight) if callable(self.scale_dtype) else self.scale_dtype
 
 
 def register(fmt: PackedFormat) -> PackedFormat:
     return EXPORTERS.register(fmt.key)(fmt)
 
 
-def packed_exports(config) -> list[PackedFormat]:
-    """The packed formats `config.save` turns on, each checked against the quant settings."""
+def packed_exports(config, hf_config=None) -> list[PackedFormat]:
+    """The packed formats `config.save` turns on, each checked against the quant settings (and the
+    checkpoint's config, when known: its family and shapes)."""
     import llmc.export.autoawq  # noqa: F401  (registration)
     import llmc.export.compressed  # noqa: F401
+    import llmc.export.gguf_format  # noqa: F401
     import llmc.export.gptq_format  # noqa: F401
+    import llmc.export.trtllm  # noqa: F401
 
     chosen = [EXPORTERS.get(key) for key in EXPORTERS if getattr(config.save, key, False)]
-    spec = Spec.of_config(config)
+    spec = Spec.of_config(config, getattr(hf_config, "model_type", None))
     for fmt in chosen:
         fmt.check(spec, f"save.{fmt.key}")
+        if fmt.check_model is not None and hf_config is not None:
+            fmt.check_model(config, hf_config)
     return chosen
 
 

@@ -137,7 +137,7 @@ def qparams_from_range(xmin: torch.Tensor, xmax: torch.Tensor, args: QuantArgs) 
         absmax = torch.maximum(xmin.abs(), xmax.abs())
         gs = None if args.global_scale is None else torch.tensor(args.global_scale, device=absmax.device)
         scale = format_scale(absmax, args.quant_type, args.fmt, gs)
-        scale = _stored(scale, args) if args.quant_type == "float-quant" else scale
+        scale = store_scale(scale, args) if args.quant_type == "float-quant" else scale
         return scale, torch.zeros_like(scale)
     if args.symmetric:
         absmax = torch.maximum(xmin.abs(), xmax.abs())
@@ -145,21 +145,27 @@ def qparams_from_range(xmin: torch.Tensor, xmax: torch.Tensor, args: QuantArgs) 
             scale = _stored((absmax / -args.qmin).clamp(min=eps), args)
             return torch.where(xmax.abs() > xmin.abs(), -scale, scale), torch.zeros_like(scale)
         half_range = args.qmax if args.is_float else (args.qmax - args.qmin) / 2
-        scale = _stored((absmax / half_range).clamp(min=eps), args)
+        scale = store_scale((absmax / half_range).clamp(min=eps), args)
         return scale, torch.zeros_like(scale)
     xmin = torch.minimum(xmin, torch.zeros_like(xmin))
     xmax = torch.maximum(xmax, torch.zeros_like(xmax))
-    scale = _stored(((xmax - xmin) / (args.qmax - args.qmin)).clamp(min=eps), args)
+    scale = store_scale(((xmax - xmin) / (args.qmax - args.qmin)).clamp(min=eps), args)
     if not args.round_zp:  # LLMC's round_zp: False keeps the exact (float) zero point
         return scale, args.qmin - xmin / scale
     zero = _round(args.qmin - xmin / scale, args.ste).clamp(args.qmin, args.qmax)
     return scale, zero
 
 
-def _stored(scale: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+def store_scale(scale: torch.Tensor, args: QuantArgs) -> torch.Tensor:
     """The scale as a checkpoint with `scale_dtype` scales will hold it (differentiable, for LWC)."""
     if args.scale_dtype in (None, "float32"):
         return scale
+    if args.scale_dtype == "float16_7bit":
+        # GGUF Q4_1 stores the group minimum -(zero + 8)·scale in float16 too: with 7 significant bits, any
+        # 4-bit multiple of the scale is a float16, so the file holds the grid exactly
+        mant, exp = torch.frexp(scale.detach().to(torch.float16).float())
+        rounded = torch.ldexp(torch.round(mant * 128) / 128, exp)
+        return scale + (rounded - scale).detach()
     dtype = getattr(torch, args.scale_dtype)
     return scale.to(dtype).float()
 

@@ -24,6 +24,7 @@ from llmc.engine.offload import BlockStore, tag_blocks, wants_offload
 from llmc.engine.pipeline import quantize_blocks
 from llmc.errors import ConfigError, UserError
 from llmc.evaluation.lm_eval import evaluate_tasks
+from llmc.evaluation import packed as packed_eval
 from llmc.evaluation import sections as eval_sections
 from llmc.evaluation.ppl import perplexity
 from llmc.export.packing import packed_exports
@@ -238,8 +239,11 @@ def _run_loaded(config: Config, ctx, stages: list[Config], adapter_cls, exports:
     with kv_quantized(model, adapter.attention_modules(), last.quant.kvcache):
         evaluate("fake_quant")
     evaluate("fake_quant_wo_kv")
+    mismatches = []
     if ctx.is_main:
         save_outputs(config, exports, model, adapter, tokenizer, out, ctx, last.quant.kvcache)
+        rows, mismatches = packed_eval.evaluate(config, exports, out, windows_cache, evals, ctx)
+        evals.extend(rows)
     if ctx.store is not None:
         ctx.store.remove()
     if not ctx.is_main:
@@ -257,6 +261,9 @@ def _run_loaded(config: Config, ctx, stages: list[Config], adapter_cls, exports:
     ckpt.remove()
     logger.info(f"summary ({target}):\n{table}\npeak RSS {results['peak_rss_mb']:.0f} MB")
     print(table)
+    if mismatches:  # after the results are written, so the table shows both scores
+        raise UserError("eval packed: a packed checkpoint does not score what the fake-quant model scored:\n  "
+                        + "\n  ".join(mismatches))
     return results
 
 

@@ -44,6 +44,9 @@ def check_config(config: Config) -> None:
     from llmc.evaluation import opencompass
 
     opencompass.check(config)
+    from llmc.evaluation import packed
+
+    packed.check(config)
     for stage in config.stage_configs():
         check_packing(stage)
     from llmc.algorithms.quarot import check_online_rotate

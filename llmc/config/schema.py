@@ -14,7 +14,8 @@ from llmc.config.quant_spec import KVCacheCfg, QuantSpecCfg, quant_type_of  # no
 from llmc.quant.formats import FIXED_GROUP
 from llmc.config.section import Section
 
-EVAL_POSITIONS = ("pretrain", "transformed", "fake_quant", "fake_quant_wo_kv")
+# packed: every packed export the run saves, reloaded by its client (llmc/evaluation/packed.py)
+EVAL_POSITIONS = ("pretrain", "transformed", "fake_quant", "fake_quant_wo_kv", "packed")
 
 
 class BaseCfg(Section):

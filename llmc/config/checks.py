@@ -40,6 +40,10 @@ def _check_path(key: str, path, download: bool) -> None:
 
 def check_config(config: Config) -> None:
     """Every stage's quant section, then the data sections."""
+    if config.tune is not None:  # every candidate is checked as a run of its own
+        from llmc import tune
+
+        return tune.check(config)
     _check_offload(config)
     from llmc.evaluation import opencompass
 

@@ -29,17 +29,23 @@ def _size(n_bytes: float) -> str:
 def plan(config: Config, ignored_names) -> str:
     hf_config = load_hf_config(resolve_source(config.model.path, config.model.gguf_file))
     adapter = adapter_class(getattr(hf_config, "model_type", None), config.model.type)(meta_model(hf_config))
-    stages = config.stage_configs()
-    for stage in stages:
-        check_against_model(stage, adapter)
-    exports = packed_exports(config, hf_config)  # refused here as the run refuses them, before any weight
+    if config.tune:  # the candidates that fit the model, each checked against the packed formats
+        from llmc import tune
+
+        stages = tune.prepare(config, tune.candidates(config), adapter, 1, False)
+        exports = tune.exports(stages, hf_config)
+    else:
+        stages = config.stage_configs()
+        for stage in stages:
+            check_against_model(stage, adapter)
+        exports = packed_exports(config, hf_config)  # refused here as the run refuses them, before any weight
     ignored = ignored_names(config, adapter)
     blocks = adapter.block_list()
     hidden = hf_config.hidden_size
     lines = [f"model: {config.model.path} ({hf_config.model_type}, {len(blocks)} blocks, hidden {hidden})"]
     for i, stage in enumerate(stages):
         cls, _ = algorithm_options(stage)
-        lines.append(f"stage {i}: {cls.name}: weights {_describe(stage.quant.weight)}, "
+        lines.append(f"{'tune candidate' if config.tune else 'stage'} {i}: {cls.name}: weights {_describe(stage.quant.weight)}, "
                      f"activations {_describe(stage.quant.act)}"
                      + (f", kv cache {_describe_kv(stage.quant.kvcache)}" if stage.quant.kvcache else "")
                      + f", quant_out {cls.quant_out(stage.quant)}")

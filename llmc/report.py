@@ -16,8 +16,18 @@ def summary_table(evals: list[dict]) -> str:
     ppl = [e for e in evals if e.get("type", "ppl") == "ppl"]
     tasks = [e for e in evals if e.get("type") == "lm_eval"]
     other = [e for e in evals if e.get("type") in ("decode_ppl", "token_acc", "generate_only")]
-    return "\n\n".join(t for t in (_ppl_table(ppl) if ppl else "", _lm_eval_table(tasks) if tasks else "",
-                                    _other_table(other) if other else "") if t)
+    tune = [e for e in evals if e.get("type") == "tune"]
+    return "\n\n".join(t for t in (_tune_table(tune) if tune else "", _ppl_table(ppl) if ppl else "",
+                                    _lm_eval_table(tasks) if tasks else "", _other_table(other) if other else "") if t)
+
+
+def _tune_table(evals: list[dict]) -> str:
+    """Auto-tune's candidates (llmc/tune.py): held-out PPL, quantization seconds, the one kept."""
+    rows = [("tune candidate", "held-out PPL", "quantize s", "windows x seq_len", "kept")]
+    for e in evals:
+        rows.append((e["candidate"], f"{e['ppl']:.4f}", f"{e['seconds']:.1f}", f"{e['windows']} x {e['seq_len']}",
+                     "yes" if e["chosen"] else ""))
+    return _grid(rows)
 
 
 def _other_table(evals: list[dict]) -> str:
@@ -67,7 +77,11 @@ def write_results(results: dict, path: Path) -> None:
     atomic_write_json(path, results)
     timings = "\n".join(f"| {k} | {v:.1f} |" for k, v in results["timings"].items())
     cfg = results["config"]
-    method = " → ".join(q["method"] for q in (cfg.get("stages") or [cfg["quant"]]))
+    if cfg.get("tune"):
+        kept = [e["candidate"] for e in results["evals"] if e.get("type") == "tune" and e["chosen"]]
+        method = f"tune → {', '.join(kept)}"
+    else:
+        method = " → ".join(q["method"] for q in (cfg.get("stages") or [cfg["quant"]]))
     atomic_write_text(path.with_suffix(".md"), f"# llmc run: {method}\n\n"
                       f"{summary_table(results['evals'])}\n\n| phase | seconds |\n|---|---|\n{timings}\n\n"
                       f"Peak RSS: {results['peak_rss_mb']:.0f} MB\n")

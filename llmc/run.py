@@ -24,6 +24,7 @@ from llmc.engine.offload import BlockStore, tag_blocks, wants_offload
 from llmc.engine.pipeline import quantize_blocks
 from llmc.errors import ConfigError, UserError
 from llmc.evaluation.lm_eval import evaluate_tasks
+from llmc.evaluation import packed as packed_eval
 from llmc.evaluation import sections as eval_sections
 from llmc.evaluation.ppl import perplexity
 from llmc.export.packing import packed_exports
@@ -37,6 +38,7 @@ from llmc.quant.kv_static import calibrate_kv, static_tensors
 from llmc.quant.kvcache import kv_quantized
 from llmc.quant.quantizer import QuantArgs
 from llmc.report import peak_rss_mb, summary_table, write_results
+from llmc import tune
 
 
 def _writable(path: Path, key: str) -> None:
@@ -125,16 +127,20 @@ def run(config: Config, device: Optional[str] = None, config_path: Optional[str]
     seed_everything(config.base.seed)
     shard, compute_device = distributed.init(pick_device(device))
     ctx = RunContext.from_config(config, compute_device, shard)
-    stages = config.stage_configs()
+    stages = tune.candidates(config) if config.tune else config.stage_configs()
     for stage in stages:
         if stage.calib is not None:
             parallel_batch_size(stage, shard.world)
     hf_config = load_hf_config(resolve_source(config.model.path, config.model.gguf_file))
     adapter_cls = adapter_class(getattr(hf_config, "model_type", None), config.model.type)
-    for stage in stages:
-        check_against_model(stage, adapter_cls(meta_model(hf_config)))
-    # a format that cannot store the settings (or the family) refuses now, not after the run
-    exports = packed_exports(config, hf_config)
+    if config.tune:  # the candidates that fit the model, each checked against the packed formats
+        stages = tune.prepare(config, stages, adapter_cls(meta_model(hf_config)), shard.world, resume)
+        exports = tune.exports(stages, hf_config)
+    else:
+        for stage in stages:
+            check_against_model(stage, adapter_cls(meta_model(hf_config)))
+        # a format that cannot store the settings (or the family) refuses now, not after the run
+        exports = packed_exports(config, hf_config)
     stored_scales(exports, stages)
     out = output_dir(config, config_path, overwrite or not ctx.is_main, resume)  # rank 0 decides
     if results_path:
@@ -145,12 +151,13 @@ def run(config: Config, device: Optional[str] = None, config_path: Optional[str]
     tokenizer = load_tokenizer(source, config.model.tokenizer_mode)
     batches = calibration_batches(config, stages, tokenizer, ctx)
     windows_cache = evaluation_windows(config, tokenizer) if ctx.is_main else {}
+    held_out = tune.windows(config, tokenizer) if config.tune else None  # tune's held-out slice
     save = config.save
     ckpt = Checkpoint.open(out / CHECKPOINT_FOLDER if save.save_path and save.checkpoint else None, resume,
                            save.keep_checkpoint, writer=ctx.is_main)
     try:
         return _run_loaded(config, ctx, stages, adapter_cls, exports, out, ckpt, tokenizer, batches, windows_cache,
-                           results_path, config_path)
+                           results_path, config_path, held_out)
     except BaseException:
         ckpt.discard_if_unfinished()  # a run that failed before its first block leaves nothing behind
         if ctx.store is not None:
@@ -199,7 +206,7 @@ def evaluation_windows(config: Config, tokenizer) -> dict:
 
 def _run_loaded(config: Config, ctx, stages: list[Config], adapter_cls, exports: list, out: Path, ckpt: Checkpoint,
                 tokenizer, batches: list, windows_cache: dict, results_path: Optional[str],
-                config_path: Optional[str] = None) -> dict:
+                config_path: Optional[str] = None, held_out: Optional[torch.Tensor] = None) -> dict:
     """The run from the model load on: evaluate, quantize stage by stage, evaluate, save, summarise."""
     ckpt.check("config", config_fingerprint(config.model_dump(mode="json")))
     with ctx.timed("load"):
@@ -246,6 +253,11 @@ def _run_loaded(config: Config, ctx, stages: list[Config], adapter_cls, exports:
     else:
         evaluate("pretrain")
         ckpt.save_evals(eval_dump, evals)
+    if config.tune:  # every candidate scored; the winner then runs as the one stage
+        winner, rows = tune.choose(config, stages, model, adapter, tokenizer, ctx, batches, held_out,
+                                   ignored_names(config, adapter))
+        evals.extend(rows)
+        stages = [winner]
     handed: dict[str, dict] = {}  # state earlier stages found, by kind
     original = snapshot_if_needed(model, stages)
     for i, stage in enumerate(stages):
@@ -264,8 +276,11 @@ def _run_loaded(config: Config, ctx, stages: list[Config], adapter_cls, exports:
     with kv_quantized(model, adapter.attention_modules(), last.quant.kvcache):
         evaluate("fake_quant")
     evaluate("fake_quant_wo_kv")
+    mismatches = []
     if ctx.is_main:
         save_outputs(config, exports, model, adapter, tokenizer, out, ctx, last.quant.kvcache)
+        rows, mismatches = packed_eval.evaluate(config, exports, out, windows_cache, evals, ctx)
+        evals.extend(rows)
     if ctx.store is not None:
         ctx.store.remove()
     if not ctx.is_main:
@@ -283,6 +298,9 @@ def _run_loaded(config: Config, ctx, stages: list[Config], adapter_cls, exports:
     ckpt.remove()
     logger.info(f"summary ({target}):\n{table}\npeak RSS {results['peak_rss_mb']:.0f} MB")
     print(table)
+    if mismatches:  # after the results are written, so the table shows both scores
+        raise UserError("eval packed: a packed checkpoint does not score what the fake-quant model scored:\n  "
+                        + "\n  ".join(mismatches))
     return results
 
 

@@ -44,10 +44,17 @@ def _check_path(key: str, path, download: bool) -> None:
 
 def check_config(config: Config) -> None:
     """Every stage's quant section, then the data sections."""
+    if config.tune is not None:  # every candidate is checked as a run of its own
+        from llmc import tune
+
+        return tune.check(config)
     _check_offload(config)
     from llmc.evaluation import opencompass
 
     opencompass.check(config)
+    from llmc.evaluation import packed
+
+    packed.check(config)
     for stage in config.stage_configs():
         check_packing(stage)
     from llmc.algorithms.quarot import check_online_rotate

@@ -17,7 +17,8 @@ from llmc.config.section import Section
 # save keys that write real quantized checkpoints (llmc/export/): refused together where they cannot work
 PACKED_SAVES = ("save_autoawq", "save_gptq", "save_vllm", "save_sgl", "save_lightllm", "save_mlcllm", "save_trtllm",
                 "save_gguf")
-EVAL_POSITIONS = ("pretrain", "transformed", "fake_quant", "fake_quant_wo_kv")
+# packed: every packed export the run saves, reloaded by its client (llmc/evaluation/packed.py)
+EVAL_POSITIONS = ("pretrain", "transformed", "fake_quant", "fake_quant_wo_kv", "packed")
 
 
 class BaseCfg(Section):
@@ -214,6 +215,45 @@ class TrtllmCfg(Section):
     pp_size: int = Field(1, ge=1)
 
 
+class TuneEvalCfg(Section):
+    """The held-out slice that scores auto-tune candidates: windows [start, start + num_samples) of one text,
+    so `start` can skip the windows the report's eval section scores."""
+
+    name: str = "wikitext2"
+    download: bool = False
+    path: Optional[str] = None
+    seq_len: int = Field(2048, ge=2)
+    start: int = Field(0, ge=0)
+    num_samples: Optional[int] = Field(None, ge=1)  # None: every window from start on
+    bs: int = Field(1, ge=1)
+    compute_dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None
+
+
+class TuneCfg(Section):
+    """Auto-tune (llmc/tune.py): every candidate quant section runs on the same loaded model, each is scored
+    by perplexity on `eval`, and the lowest wins; only the winner is evaluated at fake_quant and saved.
+    `builtin`: Intel Neural Compressor's weight-only list, RTN/GPTQ/AWQ x group_sizes, asymmetric, `bit` bits."""
+
+    candidates: Union[Literal["builtin"], list[QuantCfg]]
+    bit: Optional[int] = Field(None, ge=2, le=8)  # builtin only (4)
+    group_sizes: Optional[list[int]] = None  # builtin only ([32, 128])
+    eval: TuneEvalCfg
+
+    @model_validator(mode="after")
+    def _builtin_keys(self) -> "TuneCfg":
+        if self.candidates != "builtin":
+            given = [k for k in ("bit", "group_sizes") if getattr(self, k) is not None]
+            if given:
+                raise ValueError(f"{'/'.join(given)} shape the builtin candidates; with a list of candidates "
+                                 "set them in each candidate's weight section")
+            if len(self.candidates) < 2:
+                raise ValueError(f"candidates: {len(self.candidates)} given; tuning chooses among at least 2 "
+                                 "(for one method, use quant)")
+        elif self.group_sizes is not None and (not self.group_sizes or min(self.group_sizes) < 1):
+            raise ValueError(f"group_sizes {self.group_sizes}: a non-empty list of positive group sizes")
+        return self
+
+
 class SaveCfg(Section):
     save_trans: bool = False
     save_fake: bool = False
@@ -297,14 +337,19 @@ class Config(Section):
     # Beyond LLMC: several quant sections run in order in one process (AWQ → OmniQuant), each handing
     # its state (scales, clips) to the next in memory.
     stages: Optional[list[QuantCfg]] = None
+    # Beyond LLMC: quant candidates, each run and scored, the best kept (llmc/tune.py).
+    tune: Optional[TuneCfg] = None
     save: SaveCfg = SaveCfg()
     ignored_layers: Optional[IgnoredLayersCfg] = None
     opencompass: Optional[OpenCompassCfg] = None
 
     @model_validator(mode="after")
     def _quant_or_stages(self) -> "Config":
-        if (self.quant is None) == (self.stages is None or not self.stages):
-            raise ValueError("give either quant (one algorithm) or stages (a list of quant sections run in order)")
+        given = [k for k in ("quant", "stages", "tune") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError("give either quant (one algorithm), stages (a list of quant sections run in order) or "
+                             "tune (candidate quant sections, the best kept)" + (f"; got {' and '.join(given)}"
+                                                                                  if given else ""))
         for i, stage in enumerate((self.stages or [])[:-1]):
             if stage.kvcache is not None:
                 raise ValueError(f"stages.{i}.kvcache: the KV cache is quantized when the final model is evaluated "

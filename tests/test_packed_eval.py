@@ -106,3 +106,29 @@ def test_gptq_and_awq_scores_through_gptqmodel(make_config, tmp_path):
     r = rows(tmp_path / "out")
     for key in ("save_gptq", "save_autoawq"):
         assert abs(r[f"packed {key}"]["ppl"] / r["fake_quant"]["ppl"] - 1) < packed.TOLERANCE[key]
+
+
+def test_engine_exports_are_scored_by_their_clients(make_config, tmp_path, capsys):
+    """GGUF (transformers' gguf reader) and LightLLM (compressed-tensors) reload to the fake-quant score;
+    TensorRT-LLM, which has no client on a CPU machine, is left out with a log line, never scored as passed."""
+    path = make_config({**EVAL, "quant": {"weight": {"symmetric": True, "group_size": 32}},
+                        "save": {"save_gguf": True, "save_lightllm": True}})
+    assert main(["--config", path]) == 0
+    r = rows(tmp_path / "out")
+    for key in ("save_gguf", "save_lightllm"):
+        assert abs(r[f"packed {key}"]["ppl"] / r["fake_quant"]["ppl"] - 1) < 1e-4, key
+
+    path = make_config({**EVAL, "quant": {"weight": {"symmetric": True, "group_size": 64}},
+                        "save": {"save_trtllm": True, "save_vllm": True, "save_path": str(tmp_path / "trt")}},
+                       name="trt.yml")
+    from loguru import logger
+
+    seen = []
+    sink = logger.add(lambda m: seen.append(m.record["message"]), level="INFO")
+    try:
+        assert main(["--config", path]) == 0
+    finally:
+        logger.remove(sink)
+    r = rows(tmp_path / "trt")
+    assert "packed save_vllm" in r and "packed save_trtllm" not in r
+    assert any("save_trtllm left out" in m for m in seen)

@@ -1,12 +1,14 @@
-"""eval_pos `packed`: every packed checkpoint the run wrote (save_vllm, save_sgl, save_gptq, save_autoawq) is
-reloaded through the client its users load it with and scored on the same windows as the fake-quant model;
-a score further from the fake-quant one than the format's tolerance fails the run.
+"""eval_pos `packed`: every packed checkpoint the run wrote is reloaded through the client its users load
+it with and scored on the same windows as the fake-quant model; a score further from the fake-quant one
+than the format's tolerance fails the run.
 
-Clients: compressed-tensors folders load in this process with `AutoModelForCausalLM.from_pretrained` (the
-weights dequantize to the fake-quant weights exactly; activation schemes run through compressed-tensors).
-GPTQ and AutoAWQ folders load with transformers in the GPTQModel venv of tests/test_export_clients_gptqmodel.py
-(LLMC_GPTQMODEL_PYTHON, default /tmp/gptqm/bin/python), whose CPU kernels compute in float16; the child is
-llmc/evaluation/packed_client.py.
+Clients: compressed-tensors folders (save_vllm, save_sgl, save_lightllm) load in this process with
+`AutoModelForCausalLM.from_pretrained` (the weights dequantize to the fake-quant weights exactly; activation
+schemes run through compressed-tensors), and so does the GGUF file (transformers' gguf reader dequantizes
+it). GPTQ and AutoAWQ folders (save_gptq, save_autoawq, save_mlcllm) load with transformers in the GPTQModel
+venv of tests/test_export_clients_gptqmodel.py (LLMC_GPTQMODEL_PYTHON, default /tmp/gptqm/bin/python), whose
+CPU kernels compute in float16; the child is llmc/evaluation/packed_client.py. TensorRT-LLM checkpoints
+have no client on a CPU machine (trtllm-build needs CUDA): they are left out with a log line.
 """
 from __future__ import annotations
 
@@ -23,12 +25,14 @@ from loguru import logger
 from llmc.errors import ConfigError, UserError
 
 POSITION = "packed"
-CT_KEYS = ("save_vllm", "save_sgl")
-VENV_KEYS = ("save_gptq", "save_autoawq")
+CT_KEYS = ("save_vllm", "save_sgl", "save_lightllm", "save_gguf")
+VENV_KEYS = ("save_gptq", "save_autoawq", "save_mlcllm")
+NO_CLIENT = {"save_trtllm": "TensorRT-LLM engines are built by trtllm-build on a CUDA GPU"}
 # Relative PPL tolerance. compressed-tensors reloads compute in float32 with the fake-quant weights bit for
 # bit, so only summation order differs (measured +0.000% on SmolLM2). GPTQ/AutoAWQ clients run float16 or
 # bfloat16 CPU kernels (measured +0.16% on SmolLM2, bench/results/export_smollm2.md).
-TOLERANCE = {"save_vllm": 1e-3, "save_sgl": 1e-3, "save_gptq": 1e-2, "save_autoawq": 1e-2}
+TOLERANCE = {"save_vllm": 1e-3, "save_sgl": 1e-3, "save_lightllm": 1e-3, "save_gguf": 1e-3, "save_gptq": 1e-2,
+             "save_autoawq": 1e-2, "save_mlcllm": 1e-2}
 LOW_PRECISION_TOLERANCE = 2e-2  # fake_quant evaluated under a bfloat16/float16 compute_dtype
 CLIENT_TIMEOUT_S = 3600
 
@@ -82,7 +86,9 @@ def _nll_ppl(model, windows: torch.Tensor, bs: int, device) -> float:
 def _transformers_ppl(folder: Path, windows: torch.Tensor, bs: int, device) -> float:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
+    gguf = sorted(folder.glob("*.gguf"))
+    extra = {"gguf_file": gguf[0].name} if gguf else {}
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **extra).to(device).eval()
     try:
         return _nll_ppl(model, windows, bs, device)
     finally:
@@ -111,6 +117,10 @@ def evaluate(config, exports: list, out: Path, windows_cache: dict, evals: list[
         if POSITION not in ev.eval_pos:
             continue
         for fmt in exports:
+            if fmt.key in NO_CLIENT:
+                logger.info(f"eval {POSITION}: {fmt.key} left out: {NO_CLIENT[fmt.key]}; its files are checked against "
+                            "the fake-quant weights by tests/test_export_engines.py")
+                continue
             for name in ev.name:
                 windows = windows_cache[(i, name)]
                 folder = out / fmt.folder

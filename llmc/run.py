@@ -31,6 +31,7 @@ from llmc.export.save import install_recorded_rotations, save_fake_quant, save_s
 from llmc.export.state import architecture_fingerprint, load_state, save_state
 from llmc.models import adapter_class, load_hf_config, load_model, meta_model, pick_device, resolve_source
 from llmc.models.load import load_model_streamed, load_tokenizer
+from llmc.quant.bits import average_bits
 from llmc.quant.fake_linear import quant_disabled, unwrap_quant_linears
 from llmc.quant.kvcache import kv_quantized
 from llmc.quant.quantizer import QuantArgs
@@ -233,6 +234,10 @@ def _run_loaded(config: Config, ctx, stages: list[Config], adapter_cls, exports:
                           ckpt, i)
         handed.update(state)
     last = stages[-1]
+    # offloaded blocks are on disk by now: their grids are not at hand
+    bits = average_bits(adapter.block_list()) if ctx.store is None else None
+    if bits is not None:
+        logger.info(f"average bits per weight over the blocks' linears: {bits:.3f}")
     with quant_disabled(model):
         evaluate("transformed")
     with kv_quantized(model, adapter.attention_modules(), last.quant.kvcache):
@@ -246,7 +251,7 @@ def _run_loaded(config: Config, ctx, stages: list[Config], adapter_cls, exports:
         return {}
 
     results = {"evals": evals, "timings": ctx.timings, "peak_rss_mb": peak_rss_mb(),
-               "config": config.model_dump(mode="json"), "state": {k: len(v) for k, v in handed.items()}}
+               "config": config.model_dump(mode="json"), "state": {k: len(v) for k, v in handed.items()}, "avg_bits": bits}
     if config.opencompass is not None:
         from llmc.evaluation import opencompass
 
@@ -255,7 +260,8 @@ def _run_loaded(config: Config, ctx, stages: list[Config], adapter_cls, exports:
     write_results(results, target)
     table = summary_table(evals) if evals else "(no evaluation configured)"
     ckpt.remove()
-    logger.info(f"summary ({target}):\n{table}\npeak RSS {results['peak_rss_mb']:.0f} MB")
+    bits_line = "" if bits is None else f"\naverage bits per weight {bits:.3f}"
+    logger.info(f"summary ({target}):\n{table}{bits_line}\npeak RSS {results['peak_rss_mb']:.0f} MB")
     print(table)
     return results
 

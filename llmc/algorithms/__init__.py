@@ -1,6 +1,6 @@
 """Importing this package registers every algorithm."""
 from llmc.algorithms import (awq, gptq, hqq, normtweaking, omniquant, quarot, rtn, signround,  # noqa: F401
-                             smoothquant, tesseraq)
+                             smoothquant, spqr, tesseraq)
 from llmc.algorithms.base import Algorithm, Options
 
 __all__ = ["Algorithm", "Options"]

@@ -112,8 +112,24 @@ def weak_columns(W: torch.Tensor, H: torch.Tensor, n_out: int, args: QuantArgs, 
     return torch.sort(torch.argsort(score, descending=True, stable=True)[:n_out]).values
 
 
+class SolverHook:
+    """Extension points of `gptq_quantize` (SpQR, llmc/algorithms/spqr.py); the default is plain GPTQ."""
+
+    def start(self, W: torch.Tensor, Hinv: torch.Tensor, perm: Optional[torch.Tensor]) -> None:
+        """Once, with the (permuted) weight and the upper Cholesky factor of H⁻¹ before any column is done."""
+
+    def group(self, G: torch.Tensor, col: int, hinv_diag: torch.Tensor, args: QuantArgs
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero) of the group starting at (permuted) column col; G holds its current values."""
+        return calibrate(G, args)
+
+    def column(self, col: int, w: torch.Tensor, q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """The value column col keeps (q: its dequantized grid value, d: H⁻¹'s factor diagonal there)."""
+        return q
+
+
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, args: QuantArgs, opts: GPTQOptions, where: str = "",
-                  keep: Optional[torch.Tensor] = None
+                  keep: Optional[torch.Tensor] = None, hook: Optional[SolverHook] = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Returns (Q, scale, zero, g_idx): Q the dequantized weight; scale/zero one per row of grouped(W)
     (or [out, groups] with g_idx, when act order permutes the groups). H is consumed: it is modified,
@@ -161,6 +177,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, args: QuantArgs, opts: GPTQO
         W, H = W[:, perm], H[perm[:, None], perm]
     Hinv = inverse_hessian_factor(H, opts.percdamp, where)
     del H
+    if hook is not None:
+        hook.start(W, Hinv, perm)
 
     Q = torch.zeros_like(W)
     found: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -177,11 +195,20 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, args: QuantArgs, opts: GPTQO
             if static is not None:
                 current = static_of[col]
             elif col % gs == 0:
-                # As the reference: the group's range comes from W, which holds the updates of earlier blocks.
-                current = calibrate(W[:, col:min(col + gs, n_q)], args)
+                stop = min(col + gs, n_q)
+                if hook is None:
+                    # As the reference: the group's range comes from W, which holds the updates of earlier blocks.
+                    current = calibrate(W[:, col:stop], args)
+                else:  # as SpQR's reference: the group as it stands, this block's updates included
+                    G = W[:, col:stop].clone()
+                    inside = min(stop, i2) - col
+                    G[:, :inside] = W1[:, i:i + inside]
+                    current = hook.group(G, col, torch.diag(Hinv)[col:stop], args)
                 found.append(current)
             w = W1[:, i:i + 1]
             q = dequantize(quantize(w, current[0], current[1], args), current[0], current[1])
+            if hook is not None:
+                q = hook.column(col, w[:, 0], q[:, 0], Hinv1[i, i])[:, None]
             Q[:, col] = q[:, 0]
             err = (w - q)[:, 0] / Hinv1[i, i]
             W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
@@ -277,8 +304,15 @@ class GPTQ(Algorithm):
             out[name] = symmetric_gram(job.ctx.reduce(total)).mul_(2 / n)
         return out
 
+    def solver_options(self) -> GPTQOptions:
+        return self.options
+
+    def solver_hook(self, q) -> Optional[SolverHook]:
+        """A fresh hook for one linear's solve (SpQR); None: plain GPTQ."""
+        return None
+
     def apply(self, job, targets):
-        opts: GPTQOptions = self.options
+        opts = self.solver_options()
         stages = [[s] for s in job.subsets] if opts.true_sequential else [list(job.subsets)]
         installed = {}
         for stage in stages:
@@ -299,13 +333,16 @@ class GPTQ(Algorithm):
                     found = None
                     if job.ctx.shard.rank == owner:
                         keep = self.weak_columns(job, name, q.weight.data, H[source])
+                        hook = self.solver_hook(q)
                         found = (*gptq_quantize(q.weight.data, H.pop(source) if last else H[source].clone(),
-                                                q.wargs, opts, job.full_name(name), keep), keep)
+                                                q.wargs, opts, job.full_name(name), keep, hook),
+                                 *((keep, None) if hook is None else hook.result(job.full_name(name))))
                     elif last:
                         del H[source]
-                    Q, scale, zero, g_idx, keep = job.ctx.share(found, owner)
+                    Q, scale, zero, g_idx, keep, bits = job.ctx.share(found, owner)
                     q.weight.data.copy_(Q.to(q.weight.dtype))
                     q.set_weight_qparams(scale, zero, g_idx, float_cols=keep)
+                    q.storage_bits = bits
                     installed[name] = q
         self.calibrate_static_acts(job, installed)
         return {}

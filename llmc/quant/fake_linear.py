@@ -101,7 +101,11 @@ class QuantLinear(nn.Module):
         self.register_buffer("w_scale", None, persistent=False)
         self.register_buffer("w_zero", None, persistent=False)
         self.register_buffer("w_gidx", None, persistent=False)  # group of each input column (GPTQ act order)
-        self.register_buffer("w_float_cols", None, persistent=False)  # input columns kept float (OWQ)
+        # input columns kept float (OWQ), or a bool [out, in] mask of weights kept float (SpQR's outliers)
+        self.register_buffer("w_float_cols", None, persistent=False)
+        # bits this linear takes stored, when its algorithm stores more than its grid says (SpQR's quantized
+        # statistics and outliers; llmc/quant/bits.py); reset whenever the grid is set
+        self.storage_bits: Optional[int] = None
         self.w_axis = 1  # 0: the grid groups weight.T's rows, i.e. runs along output channels (HQQ axis 0)
         self.lwc: Optional[nn.Module] = None  # OmniQuant's learnable clipping while it trains
         self.quant_enabled = True
@@ -125,6 +129,7 @@ class QuantLinear(nn.Module):
         self.w_scale, self.w_zero = scale.detach(), zero.detach()
         self.w_gidx = g_idx
         self.w_float_cols = float_cols
+        self.storage_bits = None
         self._cache = None
 
     def _oriented(self, w: torch.Tensor) -> torch.Tensor:
@@ -156,7 +161,9 @@ class QuantLinear(nn.Module):
             w = dequantize(q, self.w_scale, self.w_zero).reshape(self.weight.T.shape).T
         else:
             w = dequantize(q, self.w_scale, self.w_zero).reshape(self.weight.shape)
-        if self.w_float_cols is not None:
+        if self.w_float_cols is not None and self.w_float_cols.dim() == 2:
+            w = torch.where(self.w_float_cols, self.weight.detach().to(w.dtype), w)
+        elif self.w_float_cols is not None:
             w[:, self.w_float_cols] = self.weight.detach()[:, self.w_float_cols].to(w.dtype)
         return w
 

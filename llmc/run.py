@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 from loguru import logger
 
+from llmc.config import mix_bits
 from llmc.config.checks import algorithm_options, check_against_model
 from llmc.config.schema import Config
 from llmc.data import batch_samples, load_calib_samples, load_eval_text
@@ -305,6 +306,8 @@ def run_stage(stage: Config, model, adapter, tokenizer, ctx, batches: list, hand
     wargs, aargs = QuantArgs.from_cfg(stage.quant.weight), QuantArgs.from_cfg(stage.quant.act)
     algorithm = algo_cls(wargs, aargs, options)
     algorithm.gates = tuple(stage.quant.quantize_gates)
+    floats, algorithm.layer_args = mix_bits.resolve(stage.quant, adapter)
+    ignored = ignored | floats
     for kind, path in options.inputs().items():
         if kind in handed:
             algorithm.loaded[kind] = handed[kind]

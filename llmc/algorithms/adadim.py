@@ -45,6 +45,7 @@ class AdaDim(Algorithm):
     name = "AdaDim"
     Options = AdaDimOptions
     data_driven = True
+    mixes_bits = True
 
     @classmethod
     def check(cls, config) -> None:

@@ -238,7 +238,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, args: QuantArgs, opts: GPTQO
 class GPTQ(Algorithm):
     name = "GPTQ"
     Options = GPTQOptions
-
+    mixes_bits = True
     data_driven = True
 
     @classmethod
@@ -352,7 +352,7 @@ class GPTQ(Algorithm):
         if not opts.owq:
             return None
         n_out = n_out_of(opts, [n for s in job.subsets for n in s.layers].index(name))
-        return weak_columns(W, H, n_out, self.wargs, opts.owq_sensitivity) if n_out else None
+        return weak_columns(W, H, n_out, self.args_of(job, name)[0], opts.owq_sensitivity) if n_out else None
 
 
 def n_out_of(opts: GPTQOptions, index: int) -> int:

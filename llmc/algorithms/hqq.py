@@ -76,6 +76,7 @@ def hqq_zeros(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, args: Q
 class HQQ(Algorithm):
     name = "HQQ"
     Options = HQQOptions
+    mixes_bits = True
 
     @classmethod
     def check(cls, config) -> None:
@@ -104,9 +105,9 @@ class HQQ(Algorithm):
         opts: HQQOptions = self.options
         # HQQ's own rounding, round(W/s + z), is LLMC's round_zp: False formula; with round_zp the zero
         # is an integer and both formulas agree.
-        args = self.wargs
         qlinears = self.install_all(job)
         for q in qlinears.values():
+            args = q.wargs  # quant.mix_bits may give a linear its own grid
             w = q.weight.detach().float()
             wg = grouped(w.T if opts.axis == 0 else w, args)
             scale, zero = calibrate(wg, args)

@@ -9,6 +9,7 @@ from llmc.registry import ALGORITHMS
 @ALGORITHMS.register("RTN")
 class RTN(Algorithm):
     name = "RTN"
+    mixes_bits = True
 
     def apply(self, job, targets):
         qlinears = self.install_all(job)

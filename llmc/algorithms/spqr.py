@@ -17,7 +17,8 @@ Fake-quant only: the outliers are a sparse float matrix no packed format stores.
 
 Bits per weight (logged per linear and for the run): w bits per weight, the first-level statistics at the
 `scale`/`zero` quantizers' bits (16 when not quantized), 16-bit scale and zero of each second-level
-group, and 32 bits per outlier (a 16-bit value and a 16-bit column index, the paper's count).
+group, 32 bits per outlier (a 16-bit value and a 16-bit column index, the paper's count), and under act
+order a 32-bit group index per input column (as llmc/quant/bits.py counts GPTQ's).
 """
 from __future__ import annotations
 
@@ -148,7 +149,7 @@ class SpQRHook(SolverHook):
         zero_bits = 0 if wargs.symmetric else stat_bits(self.zargs, wargs.bit if wargs.round_zp else 16)
         bits = (rows * cols * wargs.bit + first * (stat_bits(self.sargs, 16) + zero_bits)
                 + self.groups * 32 * (stat_groups(rows, self.sargs) + stat_groups(rows, self.zargs))
-                + n_out * OUTLIER_BITS)
+                + n_out * OUTLIER_BITS + (32 * cols if self.perm is not None else 0))
         logger.info(f"SpQR {where}: {n_out} outliers ({100 * n_out / mask.numel():.2f}%), "
                     f"{bits / mask.numel():.3f} bits per weight")
         return (mask if n_out else None), bits

@@ -127,6 +127,10 @@ class SolverHook:
         """The value column col keeps (q: its dequantized grid value, d: H⁻¹'s factor diagonal there)."""
         return q
 
+    def result(self, where: str) -> tuple[Optional[torch.Tensor], Optional[int]]:
+        """After the solve: (weights kept float, for QuantLinear's float_cols; the linear's storage bits)."""
+        return None, None
+
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, args: QuantArgs, opts: GPTQOptions, where: str = "",
                   keep: Optional[torch.Tensor] = None, hook: Optional[SolverHook] = None

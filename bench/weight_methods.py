@@ -5,9 +5,10 @@ of bench/weight_only.py: asymmetric g64, calibration 128 x 512 tokens of wiki.va
 rows and the GPTQ rows beside them take the count the run reports (llmc/quant/bits.py: SpQR's 3-bit
 statistics, their 16-bit second-level scales and zeros, 32 bits per outlier; for both, act order's 32-bit
 group index per input column). SpQR runs LLMC's config (groups of 16, act order, percdamp 1,
-relative_threshold 0.2); GPTQ beside it takes the same solver settings with groups of 32 and integer zero
-points, 4 + 20/32 = 4.625 and 3 + 19/32 = 3.594 bits per weight before the index, the closest plain-GPTQ grids
-to SpQR's 4 + 6/16 + 4/16 = 4.625 and 3.625 plus its outliers.
+relative_threshold 0.2): b + 6/16 + 4/16 bits of codes and statistics, plus ~0.6 bits of outliers (1.6-2.2%
+of the weights at W3 on block 0: 4.24 bits in all). GPTQ beside it takes the same solver settings, with
+groups of 32 at the same code bits (b + (16 + b)/32) and with the grid of about SpQR's total (W4 g128 4.16,
+W5 g128 5.16, before the index).
 
     python bench/weight_methods.py [--redo] [--only LABEL ...]   # writes bench/results/weight_methods_smollm2.{json,md}
     python bench/weight_methods.py --dry-run                       # validates every row (llmc --dry-run) and prints bits
@@ -54,12 +55,17 @@ ROWS = {
     "NormTweaking W4 after that GPTQ": (NTWEAK, [], (4, False, None)),
     "GPTQ W3 (act order, mse), float32": (GPTQ, ["model.compute_dtype=float32", "quant.weight.bit=3"], (3, False, None)),
     "NormTweaking W3 after that GPTQ": (NTWEAK, ["quant.weight.bit=3"], (3, False, None)),
-    # SpQR (LLMC's config) beside GPTQ with its solver settings at about the same bits per weight
-    "GPTQ W4 g32 (SpQR's solver settings)": (GPTQ, SPQR_GPTQ + ["quant.weight.group_size=32"], "measured"),
-    "SpQR W4 (g16, 3-bit statistics, outliers)": (SPQR, [], "measured"),
+    # SpQR (LLMC's config) beside GPTQ with its solver settings: at the same weight bits (groups of 32: the
+    # statistics cost of SpQR's groups of 16 with 3-bit statistics) and at about SpQR's average bits, outliers
+    # included (SpQR W3 measured 4.24 on block 0, 1.6-2.2% outliers; W4 about 1 bit more)
     "GPTQ W3 g32 (SpQR's solver settings)": (GPTQ, SPQR_GPTQ + ["quant.weight.bit=3", "quant.weight.group_size=32"],
                                              "measured"),
+    "GPTQ W4 g128 (SpQR's solver settings)": (GPTQ, SPQR_GPTQ + ["quant.weight.group_size=128"], "measured"),
     "SpQR W3 (g16, 3-bit statistics, outliers)": (SPQR, ["quant.weight.bit=3"], "measured"),
+    "GPTQ W4 g32 (SpQR's solver settings)": (GPTQ, SPQR_GPTQ + ["quant.weight.group_size=32"], "measured"),
+    "GPTQ W5 g128 (SpQR's solver settings)": (GPTQ, SPQR_GPTQ + ["quant.weight.bit=5", "quant.weight.group_size=128"],
+                                              "measured"),
+    "SpQR W4 (g16, 3-bit statistics, outliers)": (SPQR, [], "measured"),
 }
 
 # SmolLM2-135M's decoder linears, (out, in) in the adapter's order: q, k, v, o, gate, up, down (30 blocks alike)

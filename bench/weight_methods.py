@@ -7,8 +7,8 @@ statistics, their 16-bit second-level scales and zeros, 32 bits per outlier; for
 group index per input column). SpQR runs LLMC's config (groups of 16, act order, percdamp 1,
 relative_threshold 0.2): b + 6/16 + 4/16 bits of codes and statistics, plus ~0.6 bits of outliers (1.6-2.2%
 of the weights at W3 on block 0: 4.24 bits in all). GPTQ beside it takes the same solver settings, with
-groups of 32 at the same code bits (b + (16 + b)/32) and with the grid of about SpQR's total (W4 g128 4.16,
-W5 g128 5.16, before the index).
+groups of 32 at the same code bits (b + (16 + b)/32) and with the grid of about SpQR's total (W4 g96 4.21,
+W5 g96 5.22, before the index; 128 does not divide 576).
 
     python bench/weight_methods.py [--redo] [--only LABEL ...]   # writes bench/results/weight_methods_smollm2.{json,md}
     python bench/weight_methods.py --dry-run                       # validates every row (llmc --dry-run) and prints bits
@@ -60,10 +60,10 @@ ROWS = {
     # included (SpQR W3 measured 4.24 on block 0, 1.6-2.2% outliers; W4 about 1 bit more)
     "GPTQ W3 g32 (SpQR's solver settings)": (GPTQ, SPQR_GPTQ + ["quant.weight.bit=3", "quant.weight.group_size=32"],
                                              "measured"),
-    "GPTQ W4 g128 (SpQR's solver settings)": (GPTQ, SPQR_GPTQ + ["quant.weight.group_size=128"], "measured"),
+    "GPTQ W4 g96 (SpQR's solver settings)": (GPTQ, SPQR_GPTQ + ["quant.weight.group_size=96"], "measured"),
     "SpQR W3 (g16, 3-bit statistics, outliers)": (SPQR, ["quant.weight.bit=3"], "measured"),
     "GPTQ W4 g32 (SpQR's solver settings)": (GPTQ, SPQR_GPTQ + ["quant.weight.group_size=32"], "measured"),
-    "GPTQ W5 g128 (SpQR's solver settings)": (GPTQ, SPQR_GPTQ + ["quant.weight.bit=5", "quant.weight.group_size=128"],
+    "GPTQ W5 g96 (SpQR's solver settings)": (GPTQ, SPQR_GPTQ + ["quant.weight.bit=5", "quant.weight.group_size=96"],
                                               "measured"),
     "SpQR W4 (g16, 3-bit statistics, outliers)": (SPQR, [], "measured"),
 }

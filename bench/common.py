@@ -152,6 +152,7 @@ def run_row(spec, common: list[str], work: Path) -> dict:
             "peak_rss_mb": max(r["process_peak_rss_mb"] for r in results),
             "steps_quantize_s": [quantize_seconds(r) for r in results],
             "saved_mb": last["saved_mb"],
+            "avg_bits": last.get("avg_bits"),  # llmc's own count (llmc/quant/bits.py), when the run reports it
             "machine": machine(),
             "overrides": [o for step in steps for o in step[1]]}
 

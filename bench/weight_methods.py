@@ -1,7 +1,14 @@
-"""HQQ, OWQ and Norm Tweaking on SmolLM2-135M beside the methods they refine (issue 26), on the P40 protocol
+"""HQQ, OWQ, Norm Tweaking and SpQR on SmolLM2-135M beside the methods they refine (issue 26), on the P40 protocol
 of bench/weight_only.py: asymmetric g64, calibration 128 x 512 tokens of wiki.valid.tokens, PPL on the first
 40 x 2048 windows of wiki.test.raw. Each row states the average bits per weight of the decoder linears
-(codes, float16 scales, zero points at the code width or float16 when float, OWQ's float16 columns).
+(codes, float16 scales, zero points at the code width or float16 when float, OWQ's float16 columns); SpQR's
+rows and the GPTQ rows beside them take the count the run reports (llmc/quant/bits.py: SpQR's 3-bit
+statistics, their 16-bit second-level scales and zeros, 32 bits per outlier; for both, act order's 32-bit
+group index per input column). SpQR runs LLMC's config (groups of 16, act order, percdamp 1,
+relative_threshold 0.2): b + 6/16 + 4/16 bits of codes and statistics, plus ~0.6 bits of outliers (1.6-2.2%
+of the weights at W3 on block 0: 4.24 bits in all). GPTQ beside it takes the same solver settings, with
+groups of 32 at the same code bits (b + (16 + b)/32) and with the grid of about SpQR's total (W4 g96 4.21,
+W5 g96 5.22, before the index; 128 does not divide 576).
 
     python bench/weight_methods.py [--redo] [--only LABEL ...]   # writes bench/results/weight_methods_smollm2.{json,md}
     python bench/weight_methods.py --dry-run                       # validates every row (llmc --dry-run) and prints bits
@@ -23,8 +30,14 @@ GPTQ = "configs/quantization/methods/GPTQ/gptq_w_only.yml"
 OWQ = "configs/quantization/methods/GPTQ/gptq_owq_w_only.yml"
 NTWEAK = "configs/quantization/methods/NormTweaking/ntweak_w_only.yml"
 EVAL = ["eval.num_samples=40", "eval.seq_len=2048", "eval.eval_pos=[fake_quant]", "eval.compute_dtype=float32"]
+SPQR = "configs/quantization/methods/SpQR/spqr_w_only.yml"
+# the shipped GPTQ config with SpQR's solver settings: act order (groups in act order), percdamp 1, float32
+# forwards, minmax ranges, quantized inputs to the next block (quant_out)
+SPQR_GPTQ = ["model.compute_dtype=float32", "quant.weight.calib_algo=minmax", "quant.special.actorder=True",
+             "quant.special.static_groups=False", "quant.special.percdamp=1", "quant.quant_out=True"]
 OWQ_OUTS = [4, 4, 4, 4, 4, 4, 8]  # the shipped OWQ config's n_outs (q, k, v, o, gate, up, down)
-# row: (config, overrides, bits per weight as (code bits, float zero points, n_outs or None)); FP is 16 bits
+# row: (config, overrides, bits per weight as (code bits, float zero points, n_outs or None), or "measured": the
+# run's own count); FP is 16 bits
 ROWS = {
     "FP": (RTN, ["eval.eval_pos=[pretrain]"], None),
     "RTN W4": (RTN, [], (4, False, None)),
@@ -42,6 +55,17 @@ ROWS = {
     "NormTweaking W4 after that GPTQ": (NTWEAK, [], (4, False, None)),
     "GPTQ W3 (act order, mse), float32": (GPTQ, ["model.compute_dtype=float32", "quant.weight.bit=3"], (3, False, None)),
     "NormTweaking W3 after that GPTQ": (NTWEAK, ["quant.weight.bit=3"], (3, False, None)),
+    # SpQR (LLMC's config) beside GPTQ with its solver settings: at the same weight bits (groups of 32: the
+    # statistics cost of SpQR's groups of 16 with 3-bit statistics) and at about SpQR's average bits, outliers
+    # included (SpQR W3 measured 4.24 on block 0, 1.6-2.2% outliers; W4 about 1 bit more)
+    "GPTQ W3 g32 (SpQR's solver settings)": (GPTQ, SPQR_GPTQ + ["quant.weight.bit=3", "quant.weight.group_size=32"],
+                                             "measured"),
+    "GPTQ W4 g96 (SpQR's solver settings)": (GPTQ, SPQR_GPTQ + ["quant.weight.group_size=96"], "measured"),
+    "SpQR W3 (g16, 3-bit statistics, outliers)": (SPQR, ["quant.weight.bit=3"], "measured"),
+    "GPTQ W4 g32 (SpQR's solver settings)": (GPTQ, SPQR_GPTQ + ["quant.weight.group_size=32"], "measured"),
+    "GPTQ W5 g96 (SpQR's solver settings)": (GPTQ, SPQR_GPTQ + ["quant.weight.bit=5", "quant.weight.group_size=96"],
+                                              "measured"),
+    "SpQR W4 (g16, 3-bit statistics, outliers)": (SPQR, [], "measured"),
 }
 
 # SmolLM2-135M's decoder linears, (out, in) in the adapter's order: q, k, v, o, gate, up, down (30 blocks alike)
@@ -51,9 +75,12 @@ GROUP = 64
 
 def bits_per_weight(spec) -> float:
     """Average stored bits per weight of the decoder linears: codes, one float16 scale and one zero point
-    (code-wide, or float16 when float) per group of the quantized columns, float16 for OWQ's columns."""
+    (code-wide, or float16 when float) per group of the quantized columns, float16 for OWQ's columns.
+    Act order's group index (32 bits per input column) is left out, as in the rows before it."""
     if spec is None:
         return 16.0
+    if spec == "measured":
+        return math.nan
     bit, float_zero, n_outs = spec
     total = stored = 0
     for k, (out, inp) in enumerate(LINEARS):
@@ -69,7 +96,9 @@ def render(rows: dict) -> str:
     body = []
     for label, r in rows.items():
         delta = f"{100 * (r['ppl'] / fp - 1):+.2f}%" if fp and label != "FP" else ""
-        body.append([label, f"{bits_per_weight(ROWS[label][2]):.3f}" if label in ROWS else "", f"{r['ppl']:.3f}",
+        bits = bits_per_weight(ROWS[label][2]) if label in ROWS else math.nan
+        bits = r["avg_bits"] if math.isnan(bits) and r.get("avg_bits") else bits
+        body.append([label, "" if math.isnan(bits) else f"{bits:.3f}", f"{r['ppl']:.3f}",
                      delta, f"{r.get('quantize_s', 0):.1f}", f"{r.get('wall_s', 0):.0f}", f"{r.get('peak_rss_mb', 0):.0f}"])
     table = markdown(["run", "bits/weight", "PPL", "vs FP", "quantize s", "process wall s", "peak RSS MB"], body)
     note = machine_note(rows)
@@ -87,7 +116,8 @@ def dry_run() -> int:
                                                                                    "LLMC_DATA": DATA})
         ok = proc.returncode == 0
         failed += not ok
-        print(f"{'ok  ' if ok else 'FAIL'} {label}: {bits_per_weight(spec):.3f} bits/weight"
+        bits = "measured in the run" if spec == "measured" else f"{bits_per_weight(spec):.3f}"
+        print(f"{'ok  ' if ok else 'FAIL'} {label}: {bits} bits/weight"
               + ("" if ok else f"\n{proc.stderr[-1500:]}"), flush=True)
     return 1 if failed else 0
 

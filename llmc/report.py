@@ -84,4 +84,6 @@ def write_results(results: dict, path: Path) -> None:
         method = " → ".join(q["method"] for q in (cfg.get("stages") or [cfg["quant"]]))
     atomic_write_text(path.with_suffix(".md"), f"# llmc run: {method}\n\n"
                       f"{summary_table(results['evals'])}\n\n| phase | seconds |\n|---|---|\n{timings}\n\n"
-                      f"Peak RSS: {results['peak_rss_mb']:.0f} MB\n")
+                      f"Peak RSS: {results['peak_rss_mb']:.0f} MB\n"
+                      + ("" if results.get("avg_bits") is None else
+                         f"\nAverage bits per weight: {results['avg_bits']:.3f}\n"))

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 from loguru import logger
 
+from llmc.config import mix_bits
 from llmc.config.checks import algorithm_options, check_against_model
 from llmc.config.schema import Config
 from llmc.data import batch_samples, load_calib_samples, load_eval_text
@@ -32,6 +33,7 @@ from llmc.export.save import install_recorded_rotations, save_fake_quant, save_s
 from llmc.export.state import architecture_fingerprint, load_state, save_state
 from llmc.models import adapter_class, load_hf_config, load_model, meta_model, pick_device, resolve_source
 from llmc.models.load import load_model_streamed, load_tokenizer
+from llmc.quant.bits import average_bits
 from llmc.quant.fake_linear import quant_disabled, unwrap_quant_linears
 from llmc.export.lightllm_kv import save_lightllm_kv_calib
 from llmc.quant.kv_static import calibrate_kv, static_tensors
@@ -271,6 +273,10 @@ def _run_loaded(config: Config, ctx, stages: list[Config], adapter_cls, exports:
         with ctx.timed("kv cache calibration"):
             local = distributed.shard_batches(batches, ctx.shard)[0] if ctx.world_size > 1 else batches
             calibrate_kv(model, adapter, local, ctx, last.quant.kvcache)
+    # offloaded blocks are on disk by now: their grids are not at hand
+    bits = average_bits(adapter.block_list()) if ctx.store is None else None
+    if bits is not None:
+        logger.info(f"average bits per weight over the blocks' linears: {bits:.3f}")
     with quant_disabled(model):
         evaluate("transformed")
     with kv_quantized(model, adapter.attention_modules(), last.quant.kvcache):
@@ -287,7 +293,7 @@ def _run_loaded(config: Config, ctx, stages: list[Config], adapter_cls, exports:
         return {}
 
     results = {"evals": evals, "timings": ctx.timings, "peak_rss_mb": peak_rss_mb(),
-               "config": config.model_dump(mode="json"), "state": {k: len(v) for k, v in handed.items()}}
+               "config": config.model_dump(mode="json"), "state": {k: len(v) for k, v in handed.items()}, "avg_bits": bits}
     if config.opencompass is not None:
         from llmc.evaluation import opencompass
 
@@ -296,7 +302,8 @@ def _run_loaded(config: Config, ctx, stages: list[Config], adapter_cls, exports:
     write_results(results, target)
     table = summary_table(evals) if evals else "(no evaluation configured)"
     ckpt.remove()
-    logger.info(f"summary ({target}):\n{table}\npeak RSS {results['peak_rss_mb']:.0f} MB")
+    bits_line = "" if bits is None else f"\naverage bits per weight {bits:.3f}"
+    logger.info(f"summary ({target}):\n{table}{bits_line}\npeak RSS {results['peak_rss_mb']:.0f} MB")
     print(table)
     if mismatches:  # after the results are written, so the table shows both scores
         raise UserError("eval packed: a packed checkpoint does not score what the fake-quant model scored:\n  "
@@ -346,6 +353,8 @@ def run_stage(stage: Config, model, adapter, tokenizer, ctx, batches: list, hand
     wargs, aargs = QuantArgs.from_cfg(stage.quant.weight), QuantArgs.from_cfg(stage.quant.act)
     algorithm = algo_cls(wargs, aargs, options)
     algorithm.gates = tuple(stage.quant.quantize_gates)
+    floats, algorithm.layer_args = mix_bits.resolve(stage.quant, adapter)
+    ignored = ignored | floats
     for kind, path in options.inputs().items():
         if kind in handed:
             algorithm.loaded[kind] = handed[kind]

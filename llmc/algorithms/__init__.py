@@ -1,6 +1,6 @@
 """Importing this package registers every algorithm."""
-from llmc.algorithms import (awq, dgq, gptq, hqq, llmint8, normtweaking, omniquant, osplus, pss,  # noqa: F401
-                             quarot, quik, rtn, signround, smoothquant, teq, tesseraq)
+from llmc.algorithms import (adadim, awq, dgq, gptq, hqq, llmint8, normtweaking, omniquant, osplus,  # noqa: F401
+                             pss, quarot, quik, rtn, signround, smoothquant, spqr, teq, tesseraq)
 from llmc.algorithms.base import Algorithm, Options
 
 __all__ = ["Algorithm", "Options"]

@@ -66,6 +66,7 @@ class Awq(Algorithm):
     data_driven = True
     batch_invariant = True
     weight_calib_algos = ("learnable",)  # clips kept in the quantizer (not the weight) for OmniQuant's LWC
+    mixes_bits = True
 
     def __init__(self, wargs: Optional[QuantArgs], aargs: Optional[QuantArgs], options: AwqOptions):
         super().__init__(wargs, aargs, options)
@@ -125,14 +126,15 @@ class Awq(Algorithm):
                     if name in job.score_layers:
                         continue
                     clips[job.full_name(name)] = self._clip(job.module(name), feats[subset.input],
-                                                              job.inputs.token_index, job.ctx.reduce)
+                                                              job.inputs.token_index, job.ctx.reduce,
+                                                              self.args_of(job, name)[0])
         qlinears = self.install_all(job)
         for name, q in qlinears.items():
             clip = clips.get(job.full_name(name)) if self._keeps_clips else None
             if clip is None:
                 q.set_weight_qparams()
             else:  # the clipped range, as if the weight were clipped, sets the grid; the weight stays
-                wmin, wmax = row_range(grouped(q.weight.detach().float(), self.wargs))
+                wmin, wmax = row_range(grouped(q.weight.detach().float(), q.wargs))
                 lo, hi = (c.to(q.weight.device).reshape(-1, 1) for c in clip)
                 q.set_weight_qparams(*qparams_from_range(torch.maximum(lo, wmin), torch.minimum(hi, wmax), q.wargs))
         self.calibrate_static_acts(job, qlinears)
@@ -153,9 +155,11 @@ class Awq(Algorithm):
         x_mean = fold.reduce(x_mean, "mean")  # GQA: one scale per key/value channel
         linears = [job.module(n) for n in layers]
         originals = [lin.weight.data.clone() for lin in linears]
+        grids = [self.args_of(job, n)[0] for n in layers]  # quant.mix_bits may set a linear apart
         w_mean = None
         if opts.trans_version == "v1":
-            w_mean = fold.reduce(sum(self._weight_mean(w) for w in originals) / len(originals), "mean")
+            w_mean = fold.reduce(sum(self._weight_mean(w, a) for w, a in zip(originals, grids)) / len(originals),
+                                 "mean")
         act = self.search_act
         # The Gram shortcut has no place for quantized inputs: with activation quantization, forwards.
         if act is None and subset.inspect == layers[0] and len(layers) == 1 and not subset.has_kwargs:
@@ -171,8 +175,8 @@ class Awq(Algorithm):
                 s = s.clamp(min=1e-4)
                 s = s / (s.max() * s.min()).sqrt()
                 full = fold.expand(s)
-                for lin, w in zip(linears, originals):
-                    lin.weight.data.copy_(fake_quant(w * full.view(1, -1).to(w.dtype), self.wargs) / full.view(1, -1))
+                for lin, w, a in zip(linears, originals, grids):
+                    lin.weight.data.copy_(fake_quant(w * full.view(1, -1).to(w.dtype), a) / full.view(1, -1))
                 # Q(W s)/s on Q_a(x/s)·s is LLMC's Q(W s) on Q_a(x/s), without folding each candidate
                 hooks = nullcontext() if act is None else _input_hooks(
                     linears, lambda x, full=full: _smoothed_act_quant(act, x, full, None))
@@ -188,8 +192,8 @@ class Awq(Algorithm):
                      f"(loss {best_loss:.6g})")
         return best
 
-    def _weight_mean(self, w: torch.Tensor) -> torch.Tensor:
-        groups = w.abs().reshape(-1, self.wargs.group_size if self.wargs.granularity == "per_group" else w.shape[1])
+    def _weight_mean(self, w: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+        groups = w.abs().reshape(-1, args.group_size if args.granularity == "per_group" else w.shape[1])
         return (groups / groups.amax(dim=1, keepdim=True).clamp(min=1e-8)).reshape(w.shape).float().mean(0)
 
     # ---- clip search ------------------------------------------------------------------------------
@@ -198,11 +202,11 @@ class Awq(Algorithm):
         return self.wargs.calib_algo == "learnable" or self.options.clip_version == "v2"
 
     def _clip(self, linear, xs: list[torch.Tensor], token_index: Optional[list[torch.Tensor]] = None,
-              reduce: Callable = lambda t: t) -> tuple[torch.Tensor, torch.Tensor]:
+              reduce: Callable = lambda t: t, wargs: Optional[QuantArgs] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Search per-group clip values; apply them to the weight, or (weight `calib_algo: learnable`)
         keep the weight and put them in the quantizer, as the initial range OmniQuant's LWC refines."""
         opts: AwqOptions = self.options
-        lo, hi = clip_search(linear.weight.data, xs, self.wargs, opts.clip_sym, opts.clip_grid, opts.max_shrink,
+        lo, hi = clip_search(linear.weight.data, xs, wargs or self.wargs, opts.clip_sym, opts.clip_grid, opts.max_shrink,
                              opts.clip_tokens, token_index, reduce, self.search_act)
         if not self._keeps_clips:
             w = linear.weight.data

@@ -45,11 +45,16 @@ class Algorithm:
     # Folds scales into the float model (AWQ, SmoothQuant, OmniQuant's LET): the engine records the float
     # block's output first, so each fold can be checked against it.
     folds: ClassVar[bool] = False
+    # Quantizes every linear on its own QuantLinear's grid (`args_of`), so `quant.mix_bits` may give
+    # linears their own settings; others are refused with mix_bits.
+    mixes_bits: ClassVar[bool] = False
 
     def __init__(self, wargs: Optional[QuantArgs], aargs: Optional[QuantArgs], options: Options):
         self.wargs, self.aargs, self.options = wargs, aargs, options
         self.loaded: dict[str, dict[str, torch.Tensor]] = {}  # state from an earlier stage, by kind
         self.gates: tuple[str, ...] = ()  # float readers (MoE routers) opted into quantization: quant.quantize_gates
+        # (weight, act) settings of linears that quant.mix_bits sets apart, by full name (llmc/config/mix_bits.py)
+        self.layer_args: dict[str, tuple[Optional[QuantArgs], Optional[QuantArgs]]] = {}
 
     @classmethod
     def needs_calibration(cls, wargs: Optional[QuantArgs], aargs: Optional[QuantArgs], options: Options) -> bool:
@@ -91,12 +96,16 @@ class Algorithm:
             weight.copy_(fake_quant(weight.detach().float(), bind_global(self.wargs, weight)).to(weight.dtype))
         return names
 
+    def args_of(self, job: BlockJob, name: str) -> tuple[Optional[QuantArgs], Optional[QuantArgs]]:
+        """The (weight, act) settings of one linear of the block: its quant.mix_bits setting, or the stage's."""
+        return self.layer_args.get(job.full_name(name), (self.wargs, self.aargs))
+
     def install(self, job: BlockJob, name: str) -> QuantLinear:
         """Replace a linear of the block by a QuantLinear (idempotent)."""
         module = job.module(name)
         if isinstance(module, QuantLinear):
             return module
-        qlinear = QuantLinear(module, self.wargs, self.aargs)
+        qlinear = QuantLinear(module, *self.args_of(job, name))
         set_module(job.block, name, qlinear)
         return qlinear
 

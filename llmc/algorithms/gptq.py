@@ -91,17 +91,38 @@ def stacked_gptq(weights: list[torch.Tensor], H: torch.Tensor, args: QuantArgs, 
                  ) -> list[tuple]:
     """GPTQ of linears sharing one Hessian as one matrix of their stacked rows: a row's updates involve
     only that row and H, so each linear gets its own GPTQ result, from one factorisation and one column
-    loop. Returns (Q, scale, zero, g_idx, None) per weight, as gptq_quantize lays them out."""
+    loop. Returns (Q, scale, zero, g_idx, None, None) per weight: gptq_quantize's layout, no float columns,
+    no storage bits of its own."""
     rows = [w.shape[0] for w in weights]
     Q, scale, zero, g_idx = gptq_quantize(torch.cat([w.float() for w in weights]), H, args, opts, where)
     total = sum(rows)
     parts = zip(Q.split(rows), scale.reshape(total, -1).split(rows), zero.reshape(total, -1).split(rows))
     flat = (lambda t: t) if g_idx is not None else (lambda t: t.reshape(-1, 1))
-    return [(q, flat(s), flat(z), g_idx, None) for q, s, z in parts]
+    return [(q, flat(s), flat(z), g_idx, None, None) for q, s, z in parts]
+
+
+class SolverHook:
+    """Extension points of `gptq_quantize` (SpQR, llmc/algorithms/spqr.py); the default is plain GPTQ."""
+
+    def start(self, W: torch.Tensor, Hinv: torch.Tensor, perm: Optional[torch.Tensor]) -> None:
+        """Once, with the (permuted) weight and the upper Cholesky factor of H⁻¹ before any column is done."""
+
+    def group(self, G: torch.Tensor, col: int, hinv_diag: torch.Tensor, args: QuantArgs
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero) of the group starting at (permuted) column col; G holds its current values."""
+        return calibrate(G, args)
+
+    def column(self, col: int, w: torch.Tensor, q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """The value column col keeps (q: its dequantized grid value, d: H⁻¹'s factor diagonal there)."""
+        return q
+
+    def result(self, where: str) -> tuple[Optional[torch.Tensor], Optional[int]]:
+        """After the solve: (weights kept float, for QuantLinear's float_cols; the linear's storage bits)."""
+        return None, None
 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, args: QuantArgs, opts: GPTQOptions, where: str = "",
-                  keep: Optional[torch.Tensor] = None
+                  keep: Optional[torch.Tensor] = None, hook: Optional[SolverHook] = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Returns (Q, scale, zero, g_idx): Q the dequantized weight; scale/zero one per row of grouped(W)
     (or [out, groups] with g_idx, when act order permutes the groups). H is consumed: it is modified,
@@ -149,6 +170,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, args: QuantArgs, opts: GPTQO
         W, H = W[:, perm], H[perm[:, None], perm]
     Hinv = inverse_hessian_factor(H, opts.percdamp, where)
     del H
+    if hook is not None:
+        hook.start(W, Hinv, perm)
 
     Q = torch.zeros_like(W)
     found: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -165,11 +188,20 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, args: QuantArgs, opts: GPTQO
             if static is not None:
                 current = static_of[col]
             elif col % gs == 0:
-                # As the reference: the group's range comes from W, which holds the updates of earlier blocks.
-                current = calibrate(W[:, col:min(col + gs, n_q)], args)
+                stop = min(col + gs, n_q)
+                if hook is None:
+                    # As the reference: the group's range comes from W, which holds the updates of earlier blocks.
+                    current = calibrate(W[:, col:stop], args)
+                else:  # as SpQR's reference: the group as it stands, this block's updates included
+                    G = W[:, col:stop].clone()
+                    inside = min(stop, i2) - col
+                    G[:, :inside] = W1[:, i:i + inside]
+                    current = hook.group(G, col, torch.diag(Hinv)[col:stop], args)
                 found.append(current)
             w = W1[:, i:i + 1]
             q = dequantize(quantize(w, current[0], current[1], args), current[0], current[1])
+            if hook is not None:
+                q = hook.column(col, w[:, 0], q[:, 0], Hinv1[i, i])[:, None]
             Q[:, col] = q[:, 0]
             err = (w - q)[:, 0] / Hinv1[i, i]
             W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
@@ -199,7 +231,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, args: QuantArgs, opts: GPTQO
 class GPTQ(Algorithm):
     name = "GPTQ"
     Options = GPTQOptions
-
+    mixes_bits = True
     data_driven = True
     batch_invariant = True
 
@@ -274,8 +306,15 @@ class GPTQ(Algorithm):
     def observe(self, source: str, x: torch.Tensor) -> None:
         """Sees every calibration input [tokens, features] the Hessians are built from (QUIK's feature peaks)."""
 
+    def solver_options(self) -> GPTQOptions:
+        return self.options
+
+    def solver_hook(self, q) -> Optional[SolverHook]:
+        """A fresh hook for one linear's solve (SpQR); None: plain GPTQ."""
+        return None
+
     def apply(self, job, targets):
-        opts: GPTQOptions = self.options
+        opts = self.solver_options()
         installed = {}
         for stage in self.stages(job):
             names = [n for s in stage for n in job.quantized_layers(s)]
@@ -286,7 +325,9 @@ class GPTQ(Algorithm):
             H = self.hessians(job, sorted(set(source.values())))
             qs = {name: self.install(job, name) for name in names}
             keeps = {n: self.weak_columns(job, n, qs[n].weight.data, H[source[n]]) for n in names}
-            groups = self.solve_groups(qs, {n: H[source[n]] for n in names}, keeps)
+            hooks = {n: self.solver_hook(qs[n]) for n in names}
+            groups = self.solve_groups(qs, {n: H[source[n]] for n in names},
+                                       {n: keeps[n] is not None or hooks[n] is not None for n in names})
             uses = Counter(id(H[source[g[0]]]) for g in groups)
 
             def take(name: str) -> torch.Tensor:
@@ -306,33 +347,35 @@ class GPTQ(Algorithm):
                 if job.ctx.shard.rank != owner:
                     take(group[0])
                 elif len(group) == 1:
-                    q, keep = qs[group[0]], keeps[group[0]]
-                    found = [(*gptq_quantize(q.weight.data, take(group[0]), q.wargs, opts,
-                                             job.full_name(group[0]), keep), keep)]
+                    name = group[0]
+                    q, keep, hook = qs[name], keeps[name], hooks[name]
+                    found = [(*gptq_quantize(q.weight.data, take(name), q.wargs, opts, job.full_name(name), keep, hook),
+                              *((keep, None) if hook is None else hook.result(job.full_name(name))))]
                 else:
                     where = f"{job.full_name(group[0])} and {len(group) - 1} more reading the same input"
                     found = stacked_gptq([qs[n].weight.data for n in group], take(group[0]), qs[group[0]].wargs,
                                          opts, where)
                 flat = job.ctx.share(tuple(t for one in found for t in one) if found else None, owner)
                 for k, name in enumerate(group):
-                    Q, scale, zero, g_idx, keep = flat[5 * k:5 * k + 5]
+                    Q, scale, zero, g_idx, keep, bits = flat[6 * k:6 * k + 6]
                     q = qs[name]
                     q.weight.data.copy_(Q.to(q.weight.dtype))
                     q.set_weight_qparams(scale, zero, g_idx, float_cols=keep)
+                    q.storage_bits = bits
                     installed[name] = q
         self.calibrate_static_acts(job, installed)
         return {}
 
-    def solve_groups(self, qs: dict, hessians: dict[str, torch.Tensor], keeps: dict) -> list[list[str]]:
+    def solve_groups(self, qs: dict, hessians: dict[str, torch.Tensor], own: dict[str, bool]) -> list[list[str]]:
         """The stage's linears (name → installed QuantLinear) in solves: linears reading the same input with
         the same grid are stacked row-wise (up to STACK_ELEMENTS weights a solve), since GPTQ treats each
         row on its own given H; a grid with a statistic over the whole tensor (per_tensor, NVFP4's global
-        scale) or float columns of its own (`keeps`: OWQ, QUIK) is solved alone."""
+        scale), or a solve of its own (`own`: OWQ's or QUIK's float columns, SpQR's hook) is solved alone."""
         runs: dict[tuple, list[str]] = {}
         order: list[list[str]] = []
         for name, q in qs.items():
             args, size = q.wargs, q.weight.numel()
-            alone = keeps[name] is not None or args.granularity not in ("per_channel", "per_group") \
+            alone = own[name] or args.granularity not in ("per_channel", "per_group") \
                 or args.quant_type == "nvfp4"
             key = (id(hessians[name]), q.weight.shape[1], args)
             run = runs.get(key)
@@ -348,7 +391,7 @@ class GPTQ(Algorithm):
         if not opts.owq:
             return None
         n_out = n_out_of(opts, [n for s in job.subsets for n in s.layers].index(name))
-        return weak_columns(W, H, n_out, self.wargs, opts.owq_sensitivity) if n_out else None
+        return weak_columns(W, H, n_out, self.args_of(job, name)[0], opts.owq_sensitivity) if n_out else None
 
 
 def n_out_of(opts: GPTQOptions, index: int) -> int:

@@ -77,6 +77,7 @@ class HQQ(Algorithm):
     name = "HQQ"
     batch_invariant = True  # data only for static activations (their min/max)
     Options = HQQOptions
+    mixes_bits = True
 
     @classmethod
     def check(cls, config) -> None:
@@ -105,9 +106,9 @@ class HQQ(Algorithm):
         opts: HQQOptions = self.options
         # HQQ's own rounding, round(W/s + z), is LLMC's round_zp: False formula; with round_zp the zero
         # is an integer and both formulas agree.
-        args = self.wargs
         qlinears = self.install_all(job)
         for q in qlinears.values():
+            args = q.wargs  # quant.mix_bits may give a linear its own grid
             w = q.weight.detach().float()
             wg = grouped(w.T if opts.axis == 0 else w, args)
             scale, zero = calibrate(wg, args)

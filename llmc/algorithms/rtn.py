@@ -27,6 +27,7 @@ class RtnOptions(Options):
 class RTN(Algorithm):
     name = "RTN"
     batch_invariant = True  # data only for static activations (their min/max)
+    mixes_bits = True
     Options = RtnOptions
 
     @classmethod

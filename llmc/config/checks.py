@@ -126,6 +126,9 @@ def check_quant(config: Config, available: set[str] = frozenset()) -> set[str]:
         raise ConfigError("quant.weight.calib_algo", f"'{q.weight.calib_algo}' is not available with {cls.name}; "
                           f"expected one of {', '.join(('minmax', 'mse') + cls.weight_calib_algos)}")
     cls.check(config)
+    from llmc.config.mix_bits import check_mix_bits
+
+    check_mix_bits(config, cls)
     from llmc.export.state import state_file
 
     for kind, path in options.inputs().items():
@@ -276,6 +279,9 @@ def check_against_model(config: Config, adapter) -> None:
 
     check_kv_model(config, adapter)
     algorithm_options(config)[0].check_model(config, adapter)
+    from llmc.config.mix_bits import check_mix_bits_model
+
+    check_mix_bits_model(config, adapter)
 
 
 def _check_gates(config: Config, adapter) -> None:

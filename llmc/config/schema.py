@@ -10,6 +10,7 @@ from typing import Any, Literal, Optional, Union
 from loguru import logger
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
+from llmc.config.mix_bits import MixBitsSetting
 from llmc.config.quant_spec import KVCacheCfg, QuantSpecCfg, quant_type_of  # noqa: F401  (re-exported)
 from llmc.quant.formats import FIXED_GROUP
 from llmc.config.section import Section
@@ -164,6 +165,8 @@ class QuantCfg(Section):
     # MoE routers and shared-expert gates stay float (their outputs pick experts); names listed here
     # (relative to the block, e.g. mlp.gate) are round-to-nearest quantized with the weight quantizer.
     quantize_gates: list[str] = []
+    # LLMC's per-layer settings by layer-name pattern (llmc/config/mix_bits.py)
+    mix_bits: dict[str, MixBitsSetting] = {}
 
     @field_validator("special", mode="before")
     @classmethod

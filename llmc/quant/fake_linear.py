@@ -115,11 +115,15 @@ class QuantLinear(nn.Module):
         self.register_buffer("w_scale", None, persistent=False)
         self.register_buffer("w_zero", None, persistent=False)
         self.register_buffer("w_gidx", None, persistent=False)  # group of each input column (GPTQ act order)
-        self.register_buffer("w_float_cols", None, persistent=False)  # input columns kept float (OWQ, QUIK)
+        # input columns kept float (OWQ, QUIK), or a bool [out, in] mask of weights kept float (SpQR's outliers)
+        self.register_buffer("w_float_cols", None, persistent=False)
         self.register_buffer("a_float_cols", None, persistent=False)  # input features the act quantizer skips (QUIK)
         self.register_buffer("w_codes", None, persistent=False)  # codes fixed by a two-level scheme (twolevel.py)
         # LLM.int8(): input features with any |x| >= this are computed in float (weight columns too), per forward
         self.outlier_threshold: Optional[float] = None
+        # bits this linear takes stored, when its algorithm stores more than its grid says (SpQR's quantized
+        # statistics and outliers; llmc/quant/bits.py); reset whenever the grid is set
+        self.storage_bits: Optional[int] = None
         self.w_axis = 1  # 0: the grid groups weight.T's rows, i.e. runs along output channels (HQQ axis 0)
         self.lwc: Optional[nn.Module] = None  # OmniQuant's learnable clipping while it trains
         self.quant_enabled = True
@@ -153,6 +157,7 @@ class QuantLinear(nn.Module):
         self.w_gidx = g_idx
         self.w_float_cols = float_cols
         self.w_codes = None if codes is None else codes.detach()
+        self.storage_bits = None
         self._cache = None
 
     def set_act_float_cols(self, cols: Optional[torch.Tensor]) -> None:
@@ -190,7 +195,9 @@ class QuantLinear(nn.Module):
             w = dequantize(q, self.w_scale, self.w_zero).reshape(self.weight.T.shape).T
         else:
             w = dequantize(q, self.w_scale, self.w_zero).reshape(self.weight.shape)
-        if self.w_float_cols is not None:
+        if self.w_float_cols is not None and self.w_float_cols.dim() == 2:
+            w = torch.where(self.w_float_cols, self.weight.detach().to(w.dtype), w)
+        elif self.w_float_cols is not None:
             w[:, self.w_float_cols] = self.weight.detach()[:, self.w_float_cols].to(w.dtype)
         return w
 

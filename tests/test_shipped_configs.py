@@ -89,6 +89,13 @@ def _overrides(raw: dict, model: str) -> list[str]:
             sets.append(f"{key}.special.train_steps=2")
         if quant.get("weight", {}).get("granularity") == "per_group":
             assert 64 % quant["weight"]["group_size"] == 0  # divides the tiny widths (64, 128) as shipped
+        for name, setting in (quant.get("mix_bits") or {}).items():  # block ids of SmolLM2's 30 → the tiny 3
+            names = []
+            for layer in setting.get("layer_name", []):
+                base, _, ids = str(layer).partition("#")
+                ids = sorted({int(i) % 3 for i in ids.split("-")}) if ids else []
+                names.append(base + ("#" + "-".join(map(str, ids)) if ids else ""))
+            sets.append(f"{key}.mix_bits.{name}.layer_name=[{', '.join(names)}]")
     return sets
 
 

@@ -142,7 +142,7 @@ def qparams_from_range(xmin: torch.Tensor, xmax: torch.Tensor, args: QuantArgs) 
     if args.symmetric:
         absmax = torch.maximum(xmin.abs(), xmax.abs())
         if args.full_range:
-            scale = _stored((absmax / -args.qmin).clamp(min=eps), args)
+            scale = store_scale((absmax / -args.qmin).clamp(min=eps), args)
             return torch.where(xmax.abs() > xmin.abs(), -scale, scale), torch.zeros_like(scale)
         half_range = args.qmax if args.is_float else (args.qmax - args.qmin) / 2
         scale = store_scale((absmax / half_range).clamp(min=eps), args)

@@ -3,8 +3,11 @@ now): each family's transformers config at hidden 1024, 2 decoder layers, random
 the embedded SmolLM2 tokenizer; RTN and GPTQ W4 g128 on 32 x 512 calibration tokens; quantize seconds and
 peak RSS per row, no evaluation (random weights have no meaningful perplexity).
 
-The MoE rows (8 experts, top 2, expert width 512) sit beside a dense Llama whose MLP has the experts' total
-width (8 x 512 = 4096), so the table shows whether experts cost more than dense linears of the same size.
+The MoE rows (8 experts, top 2, expert width 512) sit beside dense models whose MLP has the experts' total
+width, so the table shows whether experts cost more than dense linears of the same size: qwen3_moe and
+mixtral beside "llama (MLP 8 x 512 wide)", qwen2_moe (plus a 512-wide shared expert) beside "llama (MLP 9 x
+512 wide)", deepseek_v3 (MLA attention, one dense block, one MoE block with a shared expert) beside the same
+DeepSeek-V3 with every MLP dense and 8 x 512 wide. Run each pair back to back.
 
     python bench/families.py [--redo] [--only LABEL ...]     # bench/results/families_synthetic.{json,md}
 """
@@ -31,9 +34,14 @@ def family_config(family: str):
     dense = dict(vocab_size=vocab, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                  num_key_value_heads=KV, max_position_embeddings=4096)
     moe = dict(dense, intermediate_size=EXPERTS * EXPERT_WIDTH, num_experts_per_tok=TOPK)
+    deepseek = dict(n_routed_experts=EXPERTS, n_shared_experts=1, moe_intermediate_size=EXPERT_WIDTH, q_lora_rank=384,
+                    kv_lora_rank=256, qk_rope_head_dim=32, qk_nope_head_dim=64, v_head_dim=64, n_group=1, topk_group=1,
+                    **{**moe, "num_key_value_heads": HEADS})  # MLA: one latent per head
     make = {
         "llama": lambda: t.LlamaConfig(intermediate_size=4096, **dense),
         "llama (MLP 8 x 512 wide)": lambda: t.LlamaConfig(intermediate_size=EXPERTS * EXPERT_WIDTH, **dense),
+        # qwen2_moe's counterpart: its 8 experts and its shared expert, all 512 wide
+        "llama (MLP 9 x 512 wide)": lambda: t.LlamaConfig(intermediate_size=(EXPERTS + 1) * EXPERT_WIDTH, **dense),
         "qwen2": lambda: t.Qwen2Config(intermediate_size=4096, **dense),
         "mistral": lambda: t.MistralConfig(intermediate_size=4096, sliding_window=None, **dense),
         "qwen3": lambda: t.Qwen3Config(intermediate_size=4096, head_dim=64, **dense),
@@ -48,10 +56,10 @@ def family_config(family: str):
         "qwen2_moe": lambda: t.Qwen2MoeConfig(num_experts=EXPERTS, moe_intermediate_size=EXPERT_WIDTH,
                                               shared_expert_intermediate_size=EXPERT_WIDTH, **moe),
         "mixtral": lambda: t.MixtralConfig(num_local_experts=EXPERTS, **{**moe, "intermediate_size": EXPERT_WIDTH}),
-        "deepseek_v3": lambda: t.DeepseekV3Config(
-            n_routed_experts=EXPERTS, n_shared_experts=1, moe_intermediate_size=EXPERT_WIDTH, first_k_dense_replace=1,
-            q_lora_rank=384, kv_lora_rank=256, qk_rope_head_dim=32, qk_nope_head_dim=64, v_head_dim=64, n_group=1,
-            topk_group=1, **{**moe, "num_key_value_heads": HEADS}),  # MLA: one latent per head
+        "deepseek_v3": lambda: t.DeepseekV3Config(first_k_dense_replace=1, **deepseek),
+        # its counterpart: the same MLA attention, every MLP dense and as wide as the experts together (the MoE
+        # block adds a 512-wide shared expert on top)
+        "deepseek_v3 (dense MLP 8 x 512 wide)": lambda: t.DeepseekV3Config(first_k_dense_replace=LAYERS, **deepseek),
     }
     return make[family]()
 
@@ -84,8 +92,9 @@ GPTQ = "configs/quantization/methods/GPTQ/gptq_w_only.yml"
 COMMON = ["eval.eval_pos=[]", "quant.weight.bit=4", "quant.weight.group_size=128", "quant.weight.symmetric=False",
           "model.type=null"]
 CALIB = ["calib.n_samples=32", "calib.seq_len=512"]
-FAMILIES = ["llama", "llama (MLP 8 x 512 wide)", "qwen2", "mistral", "qwen3", "gemma2", "gemma3_text", "phi3",
-            "opt", "qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3"]
+FAMILIES = ["llama", "llama (MLP 8 x 512 wide)", "llama (MLP 9 x 512 wide)", "qwen2", "mistral", "qwen3", "gemma2",
+            "gemma3_text", "phi3", "opt", "qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3",
+            "deepseek_v3 (dense MLP 8 x 512 wide)"]
 
 
 def rows(families: list[str]) -> dict:

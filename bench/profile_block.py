@@ -48,7 +48,7 @@ def main() -> None:
     blocks = adapter.block_list()
 
     def job(i: int) -> BlockJob:
-        return BlockJob(i, adapter.block_name(i), blocks[i], adapter.subsets, inputs, set(), ctx,
+        return BlockJob(i, adapter.block_name(i), blocks[i], adapter.block_subsets(i), inputs, set(), ctx,
                         adapter.head_dim(), adapter.score_layers)
 
     for i in range(a.block):

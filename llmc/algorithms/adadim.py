@@ -16,7 +16,7 @@ from dataclasses import replace
 import torch
 from loguru import logger
 
-from llmc.algorithms.base import Algorithm, Options
+from llmc.algorithms.base import check_group_divides_out_features, Algorithm, Options
 from llmc.algorithms.gptq import add_gram, symmetric_gram
 from llmc.errors import ConfigError
 from llmc.quant.quantizer import QuantArgs, fake_quant
@@ -67,13 +67,7 @@ class AdaDim(Algorithm):
         w = config.quant.weight
         if w.granularity != "per_group":
             return
-        for i, block in enumerate(adapter.block_list()):
-            for name in adapter.linear_names():
-                width = block.get_submodule(name).out_features
-                if width % w.group_size:
-                    raise ConfigError("quant.weight.group_size", f"{w.group_size} does not divide out_features {width} "
-                                      f"of {adapter.block_name(i)}.{name}; AdaDim may group output channels, so "
-                                      "group_size must divide every quantized linear's out_features")
+        check_group_divides_out_features(adapter, w.group_size, "AdaDim may group output channels")
 
     def apply(self, job, targets):
         sources = sorted({s.input_of(n) for s in job.subsets for n in job.quantized_layers(s)})

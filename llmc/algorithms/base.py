@@ -8,6 +8,8 @@ from __future__ import annotations
 from typing import ClassVar, Optional
 
 import torch
+
+from llmc.errors import ConfigError
 from pydantic import BaseModel, ConfigDict
 
 from llmc.engine.block import BlockJob
@@ -28,6 +30,18 @@ class Options(BaseModel):
     def inputs(self) -> dict[str, str]:
         """State kinds to start from (e.g. {"clips": path}); the engine reads them into `Algorithm.loaded`."""
         return {}
+
+
+def check_group_divides_out_features(adapter, group_size: int, why: str) -> None:
+    """ConfigError unless group_size divides every quantized linear's out_features (grids grouped along
+    output channels: HQQ axis 0, AdaDim); `why` says which setting groups them so."""
+    for i, block in enumerate(adapter.block_list()):
+        for name in adapter.linear_names():
+            width = block.get_submodule(name).out_features
+            if width % group_size:
+                raise ConfigError("quant.weight.group_size", f"{group_size} does not divide out_features {width} "
+                                  f"of {adapter.block_name(i)}.{name}; {why}, so group_size must divide every "
+                                  "quantized linear's out_features")
 
 
 class Algorithm:

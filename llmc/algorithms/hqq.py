@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from llmc.algorithms.base import Algorithm, Options
+from llmc.algorithms.base import check_group_divides_out_features, Algorithm, Options
 from llmc.errors import ConfigError
 from llmc.quant.quantizer import QuantArgs, calibrate, grouped
 from llmc.registry import ALGORITHMS
@@ -94,13 +94,7 @@ class HQQ(Algorithm):
         w = config.quant.weight
         if HQQOptions.model_validate(config.quant.special).axis != 0 or w.granularity != "per_group":
             return
-        for i, block in enumerate(adapter.block_list()):
-            for name in adapter.linear_names():
-                width = block.get_submodule(name).out_features
-                if width % w.group_size:
-                    raise ConfigError("quant.weight.group_size", f"{w.group_size} does not divide out_features {width} "
-                                      f"of {adapter.block_name(i)}.{name}; with HQQ axis 0 groups run along output "
-                                      "channels, so group_size must divide every quantized linear's out_features")
+        check_group_divides_out_features(adapter, w.group_size, "with HQQ axis 0 groups run along output channels")
 
     def apply(self, job, targets):
         opts: HQQOptions = self.options

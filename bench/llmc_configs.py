@@ -81,6 +81,13 @@ def _data_path(section: dict, split: str, tmp: str) -> None:
         lines = [ln.strip() for ln in (wiki / "wiki.test.raw").read_text().splitlines()[:200] if ln.strip()]
         (folder / "samples.json").write_text(json.dumps([{"question": ln} for ln in lines]))
         section["path"] = str(folder)
+    elif names == "ultrachat":  # no ultrachat_200k here: conversations made of wikitext lines, its layout
+        lines = [ln.strip() for ln in (wiki / "wiki.valid.tokens").read_text().splitlines()[:400] if ln.strip()]
+        file = Path(tmp) / "ultrachat.jsonl"
+        file.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": q},
+                                                          {"role": "assistant", "content": a}]})
+                                  for q, a in zip(lines[::2], lines[1::2])))
+        section["path"] = str(file)
     elif isinstance(names, list) and len(names) > 1:
         section["path"] = DATA  # LLMC reads path/<name> per dataset
     elif names in ("wikitext2", ["wikitext2"]):

@@ -190,7 +190,7 @@ def calibration_batches(config: Config, stages: list[Config], tokenizer, ctx) ->
                             f"statistics over samples, so the processes take them in batches of {bs} (the same "
                             "result as one process)")
             with ctx.timed("calibration data"):
-                return batch_samples(load_calib_samples(stage.calib, tokenizer), bs)
+                return batch_samples(load_calib_samples(stage.calib, tokenizer), bs, stage.calib.padding)
     return []
 
 

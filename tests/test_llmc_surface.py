@@ -222,11 +222,3 @@ def test_custom_txt_chat_template_calibration(make_config, tiny_dir, tmp_path):
     expected = PREPROCESSORS.get("random_truncate_txt")(rows, tok, 3, 16, random.Random(7))
     assert all(torch.equal(a, b) for a, b in zip(samples, expected)) and len(samples) == 3
     assert main(["--config", path]) == 0  # and a whole GPTQ run calibrates on them
-
-
-def test_calib_padding_and_misplaced_chat_template_are_refused(make_config, capsys, wiki_files):
-    calib = {"name": "wikitext2", "path": wiki_files["valid"], "n_samples": 2, "seq_len": 16}
-    assert main(["--config", make_config({"calib": {**calib, "padding": True}}), "--dry-run"]) == 2
-    assert "calib.padding" in capsys.readouterr().err
-    assert main(["--config", make_config({"calib": {**calib, "apply_chat_template": True}}), "--dry-run"]) == 2
-    assert "calib.apply_chat_template" in capsys.readouterr().err

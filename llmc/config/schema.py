@@ -72,9 +72,10 @@ class CalibCfg(Section):
     # Keep captured block activations on the compute device (fast) or on the CPU (saves device memory).
     activations_on: Literal["device", "cpu"] = "device"
     # custom_txt from LLMC's custom data layout (path/samples.json): wrap each question in the tokenizer's
-    # chat template (llmc/data/calib.py).
+    # chat template (llmc/data/calib.py); name: ultrachat always goes through the template.
     apply_chat_template: bool = False
-    # LLMC's padded calibration batches (with attention masks): refused in checks until the engine masks pads.
+    # LLMC's padded batches of varying-length samples (chat data, whole custom_txt questions): each length
+    # runs as its own batch, so no pad token reaches a block or a statistic (llmc/data/calib.py).
     padding: bool = False
     # Mixture-of-experts models (llm-compressor's name): while statistics are collected every expert also
     # sees the tokens the router did not send it (the block's output still follows the router); False:

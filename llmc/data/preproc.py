@@ -147,3 +147,33 @@ def random_truncate_txt(rows, tokenizer, n_samples, seq_len, rng):
     """Shuffled rows joined with blank lines, then random windows."""
     return _windows(encode(tokenizer, "\n\n".join(_shuffled(rows, rng))), n_samples, seq_len, rng,
                     "random_truncate_txt")
+
+
+def _conversation_text(row, tokenizer) -> str:
+    """A chat row through the tokenizer's chat template (tokenize=False, as LLMC's ultrachat_general); text as is."""
+    if isinstance(row, str):
+        return row
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise UserError("calib: the conversations need the tokenizer's chat template, and this model's tokenizer "
+                        "has none (preproc ultrachat_general)")
+    return tokenizer.apply_chat_template(row, tokenize=False)
+
+
+@PREPROCESSORS.register("ultrachat_general")
+def ultrachat_general(rows, tokenizer, n_samples, seq_len, rng):
+    """LLMC's chat calibration: n_samples shuffled conversations, each through the chat template and
+    tokenized whole (the template brings its own special tokens), cut at seq_len. One sample per
+    conversation, so lengths differ: calibrate with padding: True or bs: 1."""
+    samples = []
+    for row in _shuffled(rows, rng)[:n_samples]:
+        ids = tokenizer(_conversation_text(row, tokenizer), return_tensors="pt", add_special_tokens=False,
+                        truncation=True, max_length=seq_len, verbose=False).input_ids.long()
+        if ids.shape[1]:
+            samples.append(ids)
+    return _finish(samples, n_samples, "ultrachat_general", "too few non-empty conversations")
+
+
+def whole_rows(rows, tokenizer, n_samples, seq_len) -> list[torch.Tensor]:
+    """LLMC's padded custom data: the first n_samples rows in file order, each one sample (cut at seq_len)."""
+    samples = [encode(tokenizer, row, seq_len) for row in rows[:n_samples]]
+    return _finish([s for s in samples if s.shape[1]], n_samples, "calib.padding", "too few non-empty rows")

@@ -231,3 +231,45 @@ def json_rows(path: str | None, download: bool, split: str, key: str | None = No
     """Local JSON lines / JSON list; a record is {"text": ...} or {"src": ..., "tgt": ...} (row = src + "\\n" + tgt)."""
     section = _section(split, key)
     return _records(path, split, section, pairs=True)
+
+
+def _conversation(rec: Any, where: str, section: str) -> list[dict]:
+    messages = rec.get("messages") if isinstance(rec, dict) else None
+    ok = isinstance(messages, list) and messages and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in messages)
+    if not ok:
+        raise ConfigError(f"{section}.path", f"{where}: record {str(rec)[:80]!r} needs 'messages': a non-empty "
+                          "list of {'role': str, 'content': str} (ultrachat_200k's layout)")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+@_source("ultrachat", preproc="ultrachat_general")
+def ultrachat(path: str | None, download: bool, split: str, key: str | None = None) -> list[list[dict]]:
+    """UltraChat 200k conversations (HuggingFaceH4/ultrachat_200k, train_sft), for chat calibration: each row
+    is a list of messages. Local copies: a datasets.save_to_disk folder (as LLMC reads it) or .json/.jsonl
+    records with a 'messages' list."""
+    section = _section(split, key)
+    if split != "calib":
+        raise ConfigError(f"{section}.name", "ultrachat is chat calibration data (conversations, no test split); "
+                          "expected wikitext2, c4, ptb or a text source for evaluation")
+    if download:
+        ds = _download(section, "HuggingFaceH4/ultrachat_200k", "HuggingFaceH4/ultrachat_200k", split="train_sft")
+        return [_conversation(r, f"ultrachat_200k[{i}]", section) for i, r in enumerate(ds)]
+    path = need_path(path, section, "a datasets.save_to_disk folder of ultrachat_200k or a .json/.jsonl file of "
+                     "records with 'messages', or download: true")
+    if not os.path.isdir(path):
+        return [_conversation(rec, where, section) for where, rec in _json_records(path, section)]
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(path)
+    except Exception as exc:
+        raise ConfigError(f"{section}.path", f"'{path}' is a folder but not a saved dataset "
+                          f"(datasets.save_to_disk): {exc}") from exc
+    if isinstance(ds, datasets.DatasetDict):
+        chosen = next((s for s in ("train_sft", "train") if s in ds), next(iter(ds)) if len(ds) == 1 else None)
+        if chosen is None:
+            raise ConfigError(f"{section}.path", f"saved dataset '{path}' has splits {list(ds)}; expected train_sft")
+        ds = ds[chosen]
+    return [_conversation(r, f"{path}[{i}]", section) for i, r in enumerate(ds)]

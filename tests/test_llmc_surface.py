@@ -102,6 +102,22 @@ def test_token_acc_is_one_against_itself_and_matches_an_independent_count(make_c
     assert got["fake_quant"] < 1.0
 
 
+def test_llmc_eval_token_consist_adds_token_acc_on_the_ppl_windows(make_config, tmp_path, capsys):
+    """LLMC's `eval_token_consist: True` in a ppl section: PPL and the token agreement on the same windows."""
+    path = make_config({"eval": {"eval_token_consist": True, "eval_pos": ["fake_quant"]},
+                        "quant": {"weight": {"bit": 2}}}, name="consist.yml")
+    assert main(["--config", path]) == 0
+    rows = {e.get("type", "ppl"): e.get("value", e.get("ppl")) for e in _results(tmp_path)["evals"]}
+    other = make_config({"eval": {"type": "token_acc", "eval_pos": ["fake_quant"]}, "quant": {"weight": {"bit": 2}},
+                         "save": {"save_path": str(tmp_path / "other")}}, name="acc.yml")
+    assert main(["--config", other]) == 0
+    alone = json.loads((tmp_path / "other" / "results.json").read_text())["evals"][0]["value"]
+    assert set(rows) == {"ppl", "token_acc"} and rows["token_acc"] == alone < 1.0
+    bad = make_config({"eval": {"type": "decode_ppl", "eval_token_consist": True}}, name="bad.yml")
+    assert main(["--config", bad, "--dry-run"]) == 2
+    assert "eval_token_consist" in capsys.readouterr().err
+
+
 def test_generate_only_saves_greedy_texts(make_config, tmp_path):
     folder = tmp_path / "custom"
     folder.mkdir()

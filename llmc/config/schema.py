@@ -373,4 +373,22 @@ class Config(Section):
     def _eval_list(cls, v: Any) -> Any:
         if v is None:
             return []
-        return [v] if isinstance(v, dict) else v
+        sections = [v] if isinstance(v, dict) else v
+        if not isinstance(sections, list):
+            return sections
+        out = []
+        for section in sections:
+            if not (isinstance(section, dict) and "eval_token_consist" in section):
+                out.append(section)
+                continue
+            # LLMC's eval_token_consist: the ppl section also scores the argmax agreement with the float model
+            # on its windows, which is llmc's token_acc; it becomes a second section.
+            section = dict(section)
+            consist = section.pop("eval_token_consist")
+            if not isinstance(consist, bool):
+                raise ValueError(f"eval_token_consist: got {consist!r}; expected True or False")
+            if consist and str(section.get("type", "ppl")) != "ppl":
+                raise ValueError(f"eval_token_consist: True with type {section.get('type')}; expected type ppl "
+                                 "(it adds a token_acc section on the same windows)")
+            out += [section, {**section, "type": "token_acc"}] if consist else [section]
+        return out

@@ -38,6 +38,10 @@ ROWS = {
     "W4A4 QuaRot+GPTQ": [(STEP1, []), (STEP2, FROM_STEP1)],
     "W4A4 QuaRot+GPTQ KV4 (per-head asym)": [(STEP1, []), (STEP2, FROM_STEP1 + KV4)],
     "W4A4 QuaRot+GPTQ (stages, one process)": (STAGES, []),
+    "W6A6 QuaRot+RTN": (STEP1, ["quant.weight.bit=6", "quant.act.bit=6"]),
+    "W6A6 QuaRot+GPTQ": [(STEP1, ["quant.weight.bit=6", "quant.act.bit=6"]),
+                         (STEP2, FROM_STEP1 + ["quant.weight.bit=6", "quant.act.bit=6"])],
+    "W8A8 QuaRot+RTN": (STEP1, ["quant.weight.bit=8", "quant.act.bit=8"]),
 }
 
 

@@ -4,7 +4,7 @@ the largest logit difference from the float32 fake-quant model (the packed model
 
 llmc writes, from one RTN W4 run (asym, group 128, the format GPTQModel's CPU kernels take): the fake-quant
 model (save_fake), GPTQ (save_gptq), AutoAWQ (save_autoawq) and compressed-tensors (save_vllm). Each row
-then runs in a process of its own (clean peak RSS) in the GPTQModel venv (LLMC_GPTQMODEL_PYTHON, default
+then runs in a process of its own (clean peak RSS); GPTQModel's rows in its venv (LLMC_GPTQMODEL_PYTHON, default
 /tmp/gptqm/bin/python; see docs/export.md), because GPTQModel is the CPU engine for these formats:
 GPTQ_TORCH dequantizes in every forward, GPTQ_TORCH_FUSED / GPTQ_TORCH_ATEN / AWQ_TORCH_FUSED call
 torch's packed int4 CPU matmul (aten._weight_int4pack_mm_for_cpu). transformers reads compressed-tensors
@@ -141,7 +141,8 @@ def measure(label: str, save: Path, venv: str) -> dict:
     spec_file, out_file = save.parent / f"{key}.json", save.parent / f"{key}.out.json"
     spec_file.write_text(json.dumps(spec))
     env = {**os.environ, "GPTQMODEL_CPU_WORKERS": os.environ.get("GPTQMODEL_CPU_WORKERS", "2")}
-    proc = subprocess.run([venv, __file__, "--child", str(spec_file), str(out_file)], capture_output=True,
+    python = venv if client == "gptqmodel" else sys.executable  # transformers rows: llmc's own environment
+    proc = subprocess.run([python, __file__, "--child", str(spec_file), str(out_file)], capture_output=True,
                           text=True, env=env)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1][:300] if proc.stderr.strip() else "failed"}

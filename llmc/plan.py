@@ -26,6 +26,22 @@ def _size(n_bytes: float) -> str:
     return f"{n_bytes / GIB:.2f} GiB" if n_bytes >= GIB / 10 else f"{n_bytes / 2**20:.1f} MiB"
 
 
+def _mix_bits_lines(stage: Config, adapter) -> list[str]:
+    """The linears each quant.mix_bits setting takes, grouped by the quantizer they end up with."""
+    if not stage.quant.mix_bits:
+        return []
+    from llmc.config.mix_bits import resolve
+
+    floats, args = resolve(stage.quant, adapter)
+    groups: dict[str, list[str]] = {}
+    for name, (w, a) in args.items():
+        groups.setdefault(w.describe() + (f", act {a.describe()}" if a is not None else ""), []).append(name)
+    if floats:
+        groups["float"] = sorted(floats)
+    return [f"  mix_bits: {len(names)} linears {what}: {', '.join(names[:4])}" + (" ..." if len(names) > 4 else "")
+            for what, names in groups.items()]
+
+
 def plan(config: Config, ignored_names) -> str:
     hf_config = load_hf_config(resolve_source(config.model.path, config.model.gguf_file))
     adapter = adapter_class(getattr(hf_config, "model_type", None), config.model.type)(meta_model(hf_config))
@@ -49,6 +65,7 @@ def plan(config: Config, ignored_names) -> str:
                      f"activations {_describe(stage.quant.act)}"
                      + (f", kv cache {_describe_kv(stage.quant.kvcache)}" if stage.quant.kvcache else "")
                      + f", quant_out {cls.quant_out(stage.quant)}")
+        lines += _mix_bits_lines(stage, adapter)
     block_params = max(sum(p.numel() for p in b.parameters()) for b in blocks)
     layouts: dict[tuple, list[int]] = {}  # blocks with the same subsets (MoE models mix dense and expert blocks)
     for i in range(len(blocks)):

@@ -124,3 +124,15 @@ def test_patterns_are_checked_against_the_model(make_config, wiki_files, tmp_pat
     path = _config(make_config, wiki_files, tmp_path, "RTN", {"setting_0": {"layer_name": [entry], "weight": weight}})
     assert main(["--config", path, "--dry-run"]) == 2
     assert words in capsys.readouterr().err
+
+
+def test_dry_run_lists_the_linears_of_each_setting(make_config, wiki_files, tmp_path, capsys):
+    path = _config(make_config, wiki_files, tmp_path, "RTN", MIX)
+    assert main(["--config", path, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    # 3 blocks: down_proj of blocks 0 and 2 at 8 bits, q_proj of block 1 at 2 bits, three o_proj float
+    lines = [ln.strip() for ln in out.splitlines() if "mix_bits:" in ln]
+    assert lines == ["mix_bits: 2 linears int8 asym g32: model.layers.0.mlp.down_proj, model.layers.2.mlp.down_proj",
+                     "mix_bits: 1 linears int2 asym per_channel: model.layers.1.self_attn.q_proj",
+                     "mix_bits: 3 linears float: model.layers.0.self_attn.o_proj, model.layers.1.self_attn.o_proj, "
+                     "model.layers.2.self_attn.o_proj"]

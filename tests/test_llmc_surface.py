@@ -166,6 +166,13 @@ def test_several_datasets_read_path_per_name(make_config, tmp_path, wiki_files):
     ({"quant": {"weight": {"pack_version": "gemm_pack"}}}, "quant.weight.pack_version", ["save_autoawq"]),
     ({"quant": {"weight": {"pack_version": "gemv_pack"}}, "save": {"save_autoawq": True}},
      "quant.weight.pack_version", ["gemm_pack"]),
+    ({"quant": {"weight": {"clip_ratio": 0.9}}}, "quant.weight.clip_ratio", ["calib_algo: mse"]),
+    ({"quant": {"act": {"bit": 8, "granularity": "per_tensor", "static": True, "calib_algo": "percentile",
+                        "clip_ratio": 0.9}}, "calib": {"name": "wikitext2", "n_samples": 2, "seq_len": 16}},
+     "quant.act.clip_ratio", ["minmax"]),
+    ({"quant": {"weight": {"bit": 8, "granularity": "per_channel", "group_size": -1, "symmetric": True},
+                "act": {"bit": 8, "granularity": "per_token", "clip_ratio": 0.9}}, "save": {"save_vllm": True}},
+     "save.save_vllm", ["clip_ratio 0.9", "static"]),
 ])
 def test_surface_errors_name_the_key(make_config, capsys, changes, key, words):
     assert main(["--config", make_config(changes), "--dry-run"]) == 2

@@ -175,6 +175,31 @@ def test_dynamic_per_token_exact_values(symmetric):
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
+def test_act_clip_ratio_scales_each_tokens_range_as_quarot(symmetric):
+    """QuaRot's a_clip_ratio: each token's min/max times the ratio, then the usual grid; values beyond clip."""
+    aq = ActQuantizer(QuantArgs(bit=4, symmetric=symmetric, granularity="per_token", clip_ratio=0.9))
+    x = torch.tensor([[[0.7, -1.5, 3.0, 0.0], [0.1, 0.2, 0.3, -0.4]]])
+    out = aq(x)
+    for row, got in zip(x[0], out[0]):
+        if symmetric:
+            scale = 0.9 * row.abs().max() / 7.5
+            want = torch.clamp(torch.round(row / scale), -8, 7) * scale
+        else:
+            lo, hi = min(0.9 * row.min(), 0), max(0.9 * row.max(), 0)
+            scale = (hi - lo) / 15
+            zero = torch.round(-8 - lo / scale)
+            want = (torch.clamp(torch.round(row / scale) + zero, -8, 7) - zero) * scale
+        assert torch.allclose(got, want, atol=1e-6)
+    assert out[0, 0, 2] < 3.0 * 0.95  # the token's absmax is clipped
+    static = ActQuantizer(QuantArgs(bit=8, symmetric=True, granularity="per_tensor", static=True, clip_ratio=0.5))
+    static.observing = True
+    static(torch.tensor([[1.0, -4.0]]))
+    static.observing = False
+    static.finish_observation({k: v for k, (v, op) in static.observed_stats().items()})
+    assert static.scale.item() == pytest.approx(2.0 / 127.5)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
 def test_scale_dtype_float16_gives_scales_fp16_holds(symmetric):
     w = torch.randn(16, 64) * torch.logspace(-4, 1, 64)
     args = QuantArgs(bit=4, symmetric=symmetric, granularity="per_group", group_size=32, scale_dtype="float16",

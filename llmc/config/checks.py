@@ -103,11 +103,17 @@ def check_quant(config: Config, available: set[str] = frozenset()) -> set[str]:
             raise ConfigError("quant.act.calib_algo", f"static_hist with symmetric {q.act.symmetric}, bit {q.act.bit}: "
                               "LLMC's histogram search sets symmetric per-tensor integer ranges; set symmetric: True "
                               "and an integer bit, or calib_algo: minmax")
+        if q.act.clip_ratio != 1 and q.act.calib_algo != "minmax":
+            raise ConfigError("quant.act.clip_ratio", f"{q.act.clip_ratio} with calib_algo {q.act.calib_algo}; "
+                              "it scales minmax ranges (calib_algo: minmax), the other algorithms set their own")
         allowed = ACT_CALIB_STATIC if q.act.static else ("minmax",)
         if q.act.calib_algo not in allowed:
             raise ConfigError("quant.act.calib_algo", f"'{q.act.calib_algo}' with static: {q.act.static}; "
                               f"expected one of {', '.join(allowed)}"
                               + ("" if q.act.static else " (dynamic ranges come from each input's own min/max)"))
+    if q.weight is not None and q.weight.clip_ratio != 1:
+        raise ConfigError("quant.weight.clip_ratio", f"{q.weight.clip_ratio}: clip_ratio scales activation ranges; "
+                          "weights search their clip with calib_algo: mse (maxshrink, mse_grid) or learn it (OmniQuant)")
     cls, options = algorithm_options(config)
     _check_schemes(config, cls)
     learned = cls.needs_targets  # trains against the float block's outputs through the rounding

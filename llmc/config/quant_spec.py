@@ -58,6 +58,9 @@ class QuantSpecCfg(Section):
     mse_norm: float = Field(2.4, gt=0)
     mse_b_num: int = Field(1, ge=1)
     percentile: float = Field(99.99, gt=0, le=100)
+    # QuaRot's a_clip_ratio (activations only): minmax ranges, dynamic or static, scaled by this factor
+    # before the grid is set, so rare extremes clip and the bulk gets finer steps.
+    clip_ratio: float = Field(1.0, gt=0, le=1)
     # Round every scale to this dtype when it is found, so the fake-quant model is exactly what a format
     # storing such scales computes (AutoAWQ and GPTQ checkpoints store float16 scales).
     # float16_7bit: float16 with 7 significant bits, so (zero + 8)·scale is a float16 too (save_gguf's Q4_1).

@@ -107,6 +107,9 @@ def check(spec: Spec, key: str = "save.save_vllm") -> None:
         refuse(key, FORMAT, f"quant.act group_size {a.group_size} (static {a.static}) with {w.block_size} x "
                f"{w.block_size} weight blocks", "vLLM's block FP8 scheme quantizes activations dynamically per "
                "group of the block size; set act.group_size to weight.block_size")
+    if a is not None and not a.static and a.clip_ratio != 1:
+        refuse(key, FORMAT, f"act clip_ratio {a.clip_ratio} with dynamic activations", "engines take each token's "
+               "own min/max at run time; use static activations (the clipped range is then stored) or save_fake")
     if w.quant_type in FP4_FORMATS and a is not None:
         refuse(key, FORMAT, f"quant.act with quant.weight.quant_type={w.quant_type}", "llmc writes "
                f"{w.quant_type}-pack-quantized weight-only (drop quant.act, or save_fake for the fake-quant model)")

@@ -76,7 +76,7 @@ class ActQuantizer(nn.Module):
             xmax = stats["absmax_sum"] / stats["batches"]
             xmin = -xmax
         elif "min" in stats:
-            xmin, xmax = stats["min"], stats["max"]
+            xmin, xmax = stats["min"] * self.args.clip_ratio, stats["max"] * self.args.clip_ratio
         else:
             xmin, xmax = stats["lo_sum"] / stats["batches"], stats["hi_sum"] / stats["batches"]
         self.set_static(xmin, xmax)

@@ -40,6 +40,7 @@ class QuantArgs:
     mse_norm: float = 2.4
     mse_b_num: int = 1
     percentile: float = 99.99
+    clip_ratio: float = 1.0  # activations: minmax ranges scaled by this (QuaRot's a_clip_ratio)
     scale_dtype: Optional[str] = None
     round_zp: bool = True  # False: LLMC's float zero points (asymmetric), codes round(x/scale + zero)
     # INC's enable_full_range (symmetric integer grids): scale = absmax / 2^(b-1), negative when the absmax is a
@@ -96,7 +97,8 @@ class QuantArgs:
         if self.two_level is not None:
             return self.two_level.describe(gran, self.symmetric)
         sym = ("sym full-range" if self.full_range else "sym") if self.symmetric else "asym"
-        return f"{kind} {sym} {gran}{' static' if self.static else ''}"
+        clip = f" clip {self.clip_ratio:g}" if self.clip_ratio != 1 else ""
+        return f"{kind} {sym} {gran}{' static' if self.static else ''}{clip}"
 
 
 def bind_global(args: Optional[QuantArgs], x: torch.Tensor) -> Optional[QuantArgs]:
@@ -292,7 +294,8 @@ def calibrate(xg: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Te
         return qparams_from_range(-absmax, absmax, args)
     if args.calib_algo == "mse":
         return mse_qparams(xg, args)
-    return qparams_from_range(*row_range(xg), args)
+    xmin, xmax = row_range(xg)
+    return qparams_from_range(xmin * args.clip_ratio, xmax * args.clip_ratio, args)
 
 
 def fake_quant(x: torch.Tensor, args: QuantArgs, scale: Optional[torch.Tensor] = None,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import random
-import shutil
 
 import datasets
 import pytest
@@ -17,10 +16,9 @@ from llmc.data import batch_samples, load_calib_samples
 from llmc.errors import ConfigError
 from llmc.registry import DATASETS, PREPROCESSORS
 from tests.test_data import cfg
+from tests.test_llmc_surface import CHAT, _chat_model
 from tests.tiny import make_tokenizer
 
-CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 WORDS = "the model reads a block of text and the quantizer keeps its output close".split()
 
 
@@ -95,13 +93,6 @@ def test_padding_batches_each_length_apart_and_keeps_every_sample():
     assert rows == sorted(tuple(s[0].tolist()) for s in samples)  # no pads, nothing lost or repeated
     # bs chunks first (as without padding), then each chunk by length
     assert [b.shape for b in batch_samples(samples, 3, padding=True)] == [(1, 3), (2, 5), (1, 3), (1, 5), (1, 7)]
-
-
-def _chat_model(tiny_dir, tmp_path):
-    folder = tmp_path / "chat-model"
-    shutil.copytree(tiny_dir(), folder)
-    (folder / "chat_template.jinja").write_text(CHAT)
-    return str(folder)
 
 
 def test_llmc_chat_config_runs_and_padding_equals_one_sample_per_batch(make_config, tiny_dir, tmp_path):

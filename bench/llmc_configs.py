@@ -220,9 +220,10 @@ def main() -> int:
             cfg = Path(tmp) / "config.yml"
             cfg.write_text(yaml.safe_dump(rewrite(raw, tmp), sort_keys=False))
             ok, error = dry_run(str(cfg))
-            # A step 2 that loads step 1's saved scales or clips is checked for those files: not a refusal
-            # of the config, but nothing a dry run of step 2 alone can supply.
-            state = not ok and re.search(r"no saved (clips|scales) at", error)
+            # A step 2 that loads step 1's saved scales or clips, or step 1's transformed model with its
+            # online rotations, is checked for them: not a refusal of the config, but nothing a dry run of
+            # step 2 alone (on the original checkpoint) can supply.
+            state = not ok and re.search(r"no saved (clips|scales) at|neither the checkpoint nor an earlier Quarot", error)
             who = "" if ok else "needs step 1's state" if state else owner(raw, error)
             rows.append((f.removeprefix("configs/quantization/"), ok, error, who))
             print(f"{'ok     ' if ok else 'REFUSED'} {f}" + ("" if ok else f"\n        {error}"), flush=True)

@@ -232,7 +232,7 @@ def main() -> int:
     lines = [f"# LLMC LLM-quantization configs under `--dry-run`",
              "", f"{accepted} of {len(rows)} accepted, {waiting} more accepted but for the state files their step 1 "
              "writes (placeholders rewritten: model path → `{MODEL}`, "
-             "`model_type` → Llama, data paths → LLMC_DATA/wikitext2 (LLMC's custom layout: a samples.json of wikitext lines), save/state paths → a temp dir, "
+             "`model_type` → Llama, data paths → LLMC_DATA/wikitext2 (LLMC's custom layout: a samples.json of wikitext lines; ultrachat: a .jsonl of two-turn conversations made of wikitext lines), save/state paths → a temp dir, "
              "group_size and block_size 128 → 64, a head_num placeholder → 3). Regenerate: `python bench/llmc_configs.py`.", "",
              "| file | result | first line of the error | owner (issue) |", "|---|---|---|---|"]
     for f, ok, error, who in rows:

@@ -2,7 +2,7 @@
 machine, against the float model: prefill and decode tokens per second, weight memory and peak RSS, and
 the largest logit difference from the float32 fake-quant model (the packed model computes what was scored).
 
-llmc writes, from one RTN W4 run (asym, group 128, the format GPTQModel's CPU kernels take): the fake-quant
+llmc writes, from one RTN W4 run (asym; group 64 on SmolLM2, 128 on the synthetic model): the fake-quant
 model (save_fake), GPTQ (save_gptq), AutoAWQ (save_autoawq) and compressed-tensors (save_vllm). Each row
 then runs in a process of its own (clean peak RSS); GPTQModel's rows in its venv (LLMC_GPTQMODEL_PYTHON, default
 /tmp/gptqm/bin/python; see docs/export.md), because GPTQModel is the CPU engine for these formats:
@@ -99,13 +99,15 @@ def child(spec_file: str, out_file: str) -> None:
 # ---------------------------------------------------------------- the llmc side
 
 def export(model: str, work: Path) -> Path:
-    """One RTN W4 asym g128 run writing every format this bench loads (reused while its folders exist)."""
+    """One RTN W4 asym run (g64 on SmolLM2, g128 on the synthetic model) writing every format this bench loads
+    (reused while its folders exist)."""
     from common import run_llmc
 
     save = work / "save"
     if all((save / ROWS[label][0]).is_dir() for label in ROWS):
         return save
-    overrides = ["quant.weight.group_size=128", "eval.eval_pos=[]", "save.save_fake=True", "save.save_gptq=True",
+    group = 64 if model == "smollm2" else 128  # SmolLM2's 576-wide inputs take groups of 64
+    overrides = [f"quant.weight.group_size={group}", "eval.eval_pos=[]", "save.save_fake=True", "save.save_gptq=True",
                  "save.save_autoawq=True", "save.save_vllm=True"]
     if model == "synthetic":
         overrides += [f"model.path={synthetic_folder(work / 'float')}", "model.type=Llama",
@@ -206,7 +208,7 @@ def main() -> None:
         json_file.write_text(json.dumps(rows, indent=1))
     what = ("SmolLM2-135M-Instruct" if a.model == "smollm2" else
             f"Synthetic Llama {SYNTHETIC['num_hidden_layers']} x {SYNTHETIC['hidden_size']} (random weights)")
-    title = (f"{what}, RTN W4 asym g128 packed checkpoints loaded by their CPU engine (`bench/realquant_speed.py`): "
+    title = (f"{what}, RTN W4 asym {'g64' if a.model == 'smollm2' else 'g128'} packed checkpoints loaded by their CPU engine (`bench/realquant_speed.py`): "
              f"prefill = one forward of {PREFILL} tokens, decode = {DECODE} single-token steps through the KV "
              f"cache after a {PROMPT}-token prompt (medians of 3 and 2 after a warm-up)")
     (RESULTS / f"{name}.md").write_text(render(rows, title))

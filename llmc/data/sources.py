@@ -60,8 +60,9 @@ def _column(ds: Any, column: str, section: str, value: str) -> list[str]:
     return [str(x) for x in ds[column]]
 
 
-def _from_disk(path: str, column: str, split: str, section: str) -> list[str]:
-    """Rows from a folder written by ``datasets.save_to_disk`` (a Dataset or a DatasetDict)."""
+def _load_saved(path: str, prefer: list[str], section: str) -> Any:
+    """The Dataset in a folder written by ``datasets.save_to_disk``; of a DatasetDict, the first split in
+    ``prefer`` (or its only one)."""
     import datasets
 
     try:
@@ -71,7 +72,6 @@ def _from_disk(path: str, column: str, split: str, section: str) -> list[str]:
             f"{section}.path", f"'{path}' is a folder but not a saved dataset (datasets.save_to_disk): {exc}"
         ) from exc
     if isinstance(ds, datasets.DatasetDict):
-        prefer = ["train"] if split == "calib" else ["test", "validation"]
         chosen = next((s for s in prefer if s in ds), None)
         if chosen is None and len(ds) == 1:
             chosen = next(iter(ds))
@@ -80,7 +80,13 @@ def _from_disk(path: str, column: str, split: str, section: str) -> list[str]:
                 f"{section}.path", f"saved dataset '{path}' has splits {list(ds)}; expected one of {prefer}"
             )
         ds = ds[chosen]
-    return _column(ds, column, section, path)
+    return ds
+
+
+def _from_disk(path: str, column: str, split: str, section: str) -> list[str]:
+    """Rows from a folder written by ``datasets.save_to_disk`` (a Dataset or a DatasetDict)."""
+    prefer = ["train"] if split == "calib" else ["test", "validation"]
+    return _column(_load_saved(path, prefer, section), column, section, path)
 
 
 def read_text(path: str, section: str) -> str:
@@ -260,16 +266,5 @@ def ultrachat(path: str | None, download: bool, split: str, key: str | None = No
                      "records with 'messages', or download: true")
     if not os.path.isdir(path):
         return [_conversation(rec, where, section) for where, rec in _json_records(path, section)]
-    import datasets
-
-    try:
-        ds = datasets.load_from_disk(path)
-    except Exception as exc:
-        raise ConfigError(f"{section}.path", f"'{path}' is a folder but not a saved dataset "
-                          f"(datasets.save_to_disk): {exc}") from exc
-    if isinstance(ds, datasets.DatasetDict):
-        chosen = next((s for s in ("train_sft", "train") if s in ds), next(iter(ds)) if len(ds) == 1 else None)
-        if chosen is None:
-            raise ConfigError(f"{section}.path", f"saved dataset '{path}' has splits {list(ds)}; expected train_sft")
-        ds = ds[chosen]
+    ds = _load_saved(path, ["train_sft", "train"], section)
     return [_conversation(r, f"{path}[{i}]", section) for i, r in enumerate(ds)]

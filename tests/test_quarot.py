@@ -20,7 +20,7 @@ from llmc.models.adapter import adapter_class
 from llmc.quant.fake_linear import QuantLinear
 from llmc.quant.hadamard import OnlineHadamard, hadamard, random_hadamard, random_orthogonal
 from llmc.quant.quantizer import QuantArgs
-from tiny import VOCAB, make_model, make_tokenizer
+from tiny import FAMILIES, MOE_FAMILIES, VOCAB, make_model, make_tokenizer
 
 W4 = QuantArgs(bit=4, symmetric=False, granularity="per_channel")
 A4 = QuantArgs(bit=4, symmetric=False, granularity="per_token")
@@ -51,7 +51,7 @@ def _blockwise(model, algo, adapter=None, ctx=None):
     adapter = adapter or adapter_class(model.config.model_type, None)(model)
     ctx = ctx or RunContext()
     for i, block in enumerate(adapter.block_list()):
-        algo.apply(BlockJob(i, adapter.block_name(i), block, adapter.subsets, None, set(), ctx, adapter.head_dim()), None)
+        algo.apply(BlockJob(i, adapter.block_name(i), block, adapter.block_subsets(i), None, set(), ctx, adapter.head_dim()), None)
     return model
 
 
@@ -111,6 +111,55 @@ def test_rotated_float_model_keeps_its_logits(family, online, mode):
     assert not model.config.tie_word_embeddings
     norm = model.model.layers[0].input_layernorm.weight
     assert torch.equal(norm, torch.ones_like(norm))
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES + MOE_FAMILIES
+                                    if f not in ("llama", "qwen2", "mistral", "opt", "gemma2", "gemma3_text")])
+def test_every_rms_family_keeps_its_logits_with_online_hadamards(family):
+    """Qwen3 (q/k norms), Phi-3 (fused qkv: a full Hadamard on o_proj's input), the MoE families (every
+    expert's down linear, the router and shared-expert gate rotated) and DeepSeek (MLA: latent norms stay)."""
+    model = make_model(family)
+    adapter = adapter_class(model.config.model_type, None)(model)  # unfuses the experts
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and "norm" in name:
+                p.normal_(1, 0.2)
+    ids = _ids()
+    before = _logits(model, ids)
+    _quarot(model, online=True)
+    assert _rel(_logits(model, ids), before) < 1e-5
+    for i, block in enumerate(adapter.block_list()):
+        outs = adapter.mlp_outs(i)
+        assert outs and all(block.get_submodule(n).online_rotation is not None for n in outs)
+    if family.startswith("deepseek"):  # the latent norms inside MLA keep their scales
+        attn = adapter.block_list()[0].self_attn
+        assert not torch.equal(attn.kv_a_layernorm.weight, torch.ones_like(attn.kv_a_layernorm.weight))
+
+
+def test_deepseek_quarot_w4a4_saves_and_reloads_its_fake_quant_model(make_config, tmp_path, capsys):
+    """QuaRot + RTN W4A4 through the CLI on DeepSeek-V3 (MLA + shared and routed experts): the transformed
+    model keeps the float PPL and the saved fake-quant model (with its online rotations) reloads exactly."""
+    a4 = {"bit": 4, "symmetric": False, "granularity": "per_token"}
+    w4 = {"bit": 4, "symmetric": False, "granularity": "per_channel", "group_size": -1}
+    cfg = make_config({"quant": {"method": "Quarot", "weight": w4, "act": a4,
+                                 "special": {"rotate_mode": "hadamard", "online_rotate": True}},
+                       "eval": {"eval_pos": ["pretrain", "transformed", "fake_quant"]},
+                       "save": {"save_fake": True, "save_path": str(tmp_path / "out")}}, family="deepseek_v3")
+    assert main(["--config", cfg]) == 0
+    ppl = _ppl(tmp_path / "out" / "results.json")
+    assert ppl["transformed"] == pytest.approx(ppl["pretrain"], rel=1e-4)
+    record = json.loads((tmp_path / "out" / "fake_quant_model" / ROTATIONS).read_text())["layers"]
+    assert "model.layers.1.mlp.experts.3.down_proj" in record and "model.layers.1.mlp.shared_experts.down_proj" in record
+    loaded = load_fake_quant(tmp_path / "out" / "fake_quant_model")
+    assert loaded.model.layers[2].mlp.experts[0].down_proj.online_rotation is not None
+    # in process: the reloaded fake-quant MoE model computes what the quantized one computed
+    model = make_model("deepseek_v3")
+    adapter_class(model.config.model_type, None)(model)
+    model = _quarot(model, online=True, wargs=W4, aargs=A4)
+    ids = _ids()
+    expected = _logits(model, ids)
+    save_fake_quant(model, make_tokenizer(), tmp_path / "fake")
+    assert _rel(_logits(load_fake_quant(tmp_path / "fake"), ids), expected) < 1e-5
 
 
 @pytest.mark.parametrize("widths", [dict(), dict(heads=4, kv=2, inter=96)], ids=["9heads-like", "head_dim12"])
@@ -240,6 +289,7 @@ def test_bad_quarot_options_are_refused(make_config, changes, key, capsys):
     assert key in capsys.readouterr().err
 
 
-def test_layernorm_families_are_refused(make_config, capsys):
-    assert main(["--config", make_config({"quant": {"method": "Quarot"}}, family="opt")]) == 2
-    assert "LayerNorm" in capsys.readouterr().err
+@pytest.mark.parametrize("family,why", [("opt", "LayerNorm"), ("gemma3_text", "RMSNorms sit between")])
+def test_families_where_the_rotation_cannot_be_exact_are_refused(make_config, capsys, family, why):
+    assert main(["--config", make_config({"quant": {"method": "Quarot"}}, family=family)]) == 2
+    assert why in capsys.readouterr().err

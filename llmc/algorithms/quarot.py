@@ -5,7 +5,8 @@ Offline, before the blockwise pass (`prepare_model`, the whole model at once): t
 every RMSNorm's scale is folded into the linears it feeds (norm weights become 1); the residual stream is
 rotated by an orthogonal Q (a randomised Hadamard, or the QR of a Gaussian, seeded from base.seed):
 embeddings E·Q, the linears reading the stream W·Q (q/k/v, gate/up, lm_head), the linears writing it Qᵀ·W
-(o_proj, down_proj; biases too). RMSNorm(xQ) = RMSNorm(x)Q once its scale is folded, so the float model
+(o_proj, down_proj: every expert's in MoE blocks; biases too), and the MoE router and shared-expert gate,
+which read the same norm. MLA's latent norms sit inside attention and stay. RMSNorm(xQ) = RMSNorm(x)Q once its scale is folded, so the float model
 is unchanged. LayerNorm's mean subtraction does not commute with Q: those families are refused.
 
 Online (`online_rotate`, per block in `apply`): a Hadamard H on down_proj's input (H folded into its weight,
@@ -21,7 +22,7 @@ LLMC's (and QuaRot's) mean removal from the embeddings is not applied: with RMSN
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 from loguru import logger
@@ -101,15 +102,24 @@ class Quarot(Algorithm):
     def check_model(cls, config, adapter) -> None:
         opts = QuarotOptions.model_validate(config.quant.special)
         kind = adapter.norm_kind
-        if kind != "rms" or adapter.embed_tokens is None or adapter.attn_out is None or adapter.mlp_out is None:
-            what = ("LayerNorm subtracts the mean, which does not commute with a rotation (QuaRot would need "
-                    "SliceGPT's mean baking, not exact)" if kind == "layer" else "its adapter declares no RMSNorm layout")
+        if kind != "rms" or adapter.embed_tokens is None or adapter.attn_out is None or not adapter.mlp_outs(0):
+            what = {"layer": "LayerNorm subtracts the mean, which does not commute with a rotation (QuaRot would "
+                             "need SliceGPT's mean baking, not exact)",
+                    "sandwich": "RMSNorms sit between o_proj/down_proj and the residual stream, and their scales "
+                                "fold into no linear, so the rotated model would not equal the original"
+                    }.get(kind, "its adapter declares no RMSNorm layout")
             raise ConfigError("quant.method", f"Quarot on '{adapter.model.config.model_type}': {what}; QuaRot applies "
-                              "exactly to RMSNorm models (Llama, Mistral, Qwen2)")
-        cfg = adapter.model.config
-        sizes = {"hidden_size": cfg.hidden_size} if opts.rotate_mode == "hadamard" else {}
+                              "exactly to RMSNorm models whose norms feed linears (Llama, Mistral, Qwen2/3, Phi-3, "
+                              "the MoE families, DeepSeek)")
+        sizes = {"hidden_size": adapter.model.config.hidden_size} if opts.rotate_mode == "hadamard" else {}
         if opts.online_rotate:
-            sizes["intermediate_size"] = get_module(adapter.block_list()[0], adapter.mlp_out).in_features
+            blocks = adapter.block_list()
+            for i, block in enumerate(blocks):
+                for name in adapter.mlp_outs(i):
+                    sizes.setdefault(f"{name}'s input width", get_module(block, name).in_features)
+            out_width = get_module(blocks[0], adapter.attn_out).in_features
+            if _head_layout(adapter, out_width)[2] != "across heads":  # a full Hadamard on o_proj's input
+                sizes[f"{adapter.attn_out}'s input width"] = out_width
         for key, n in sizes.items():
             if not is_hadamard_order(n):
                 raise ConfigError("quant.special.rotate_mode" if key == "hidden_size" else "quant.special.online_rotate",
@@ -145,44 +155,49 @@ class Quarot(Algorithm):
         blocks = adapter.block_list()
         for i in range(len(blocks)):
             block = ctx.onload(blocks[i])
-            for subset in adapter.subsets:
-                prev = get_module(block, subset.prev_op) if subset.prev_op else None
-                linears = [get_module(block, n) for n in subset.layers]
-                if isinstance(prev, nn.Linear) or prev is None:
-                    continue  # fed by a linear inside the block, not by the residual stream
-                fuse_norm(prev, linears)
+            readers: dict[str, list[nn.Module]] = {}  # residual norm → every linear reading its output
+            for subset in adapter.block_subsets(i):
+                if subset.prev_op in adapter.residual_norms:
+                    names = [*subset.layers, *(r for r in subset.readers if _has(block, r))]
+                    readers.setdefault(subset.prev_op, []).extend(get_module(block, n) for n in names)
+            for norm, linears in readers.items():  # one fold per norm: it leaves the norm's weight 1
+                fuse_norm(get_module(block, norm), linears)
                 for lin in linears:
                     rotate_input(lin, q)
-            for name in (adapter.attn_out, adapter.mlp_out):
+            for name in (adapter.attn_out, *adapter.mlp_outs(i)):
                 rotate_output(get_module(block, name), q)
             blocks[i] = ctx.offload(block, changed=True)
-        cfg = model.config
-        self.layout = {"value": adapter.attn_value, "out": adapter.attn_out, "mlp_out": adapter.mlp_out,
-                       "heads": cfg.num_attention_heads, "head_dim": adapter.head_dim()}
+        out_width = get_module(blocks[0], adapter.attn_out).in_features
+        heads, head_dim, per_head = _head_layout(adapter, out_width)
+        self.layout = {"value": adapter.attn_value, "out": adapter.attn_out, "heads": heads, "head_dim": head_dim,
+                       "per_head": per_head, "mlp_outs": [adapter.mlp_outs(i) for i in range(len(blocks))]}
 
     # ---- online: per block ---------------------------------------------------------------------------
     @torch.no_grad()
     def online_rotations(self, job) -> None:
         fp32 = self.options.fp32_had
-        down = job.module(self.layout["mlp_out"])
-        rot = OnlineHadamard(down.in_features, 1, fp32).to(down.weight.device)
-        _set(down, _apply_rows(rot, down.weight.data))
-        attach(down, rot)
-        value, out = job.module(self.layout["value"]), job.module(self.layout["out"])
-        heads, hd = self.layout["heads"], self.layout["head_dim"]
-        if is_hadamard_order(hd):  # a Hadamard per head: v_proj's outputs and o_proj's inputs, exactly offline
+        for name in self.layout["mlp_outs"][job.index]:
+            down = job.module(name)
+            rot = OnlineHadamard(down.in_features, 1, fp32).to(down.weight.device)
+            _set(down, _apply_rows(rot, down.weight.data))
+            attach(down, rot)
+        out = job.module(self.layout["out"])
+        heads, hd, per_head = self.layout["heads"], self.layout["head_dim"], self.layout["per_head"]
+        if per_head is not None:  # a Hadamard per head: v_proj's outputs and o_proj's inputs, exactly offline
+            value = job.module(self.layout["value"])
             per_kv = OnlineHadamard(hd, 1).to(value.weight.device)
             w = _apply_rows(per_kv, value.weight.data.double().T.reshape(-1, hd)).reshape(value.in_features, -1).T
             bias = None if value.bias is None else _apply_rows(per_kv, value.bias.data.view(-1, hd)).reshape(-1)
             _set(value, w, bias)
             _set(out, _apply_rows(per_kv, out.weight.data.double().reshape(-1, hd)).reshape(out.weight.shape))
-            across = OnlineHadamard(heads, hd, fp32) if is_hadamard_order(heads) else None
+        if per_head == "across heads":
+            across = OnlineHadamard(heads, hd, fp32)
         else:
-            across = None
-        if across is None:
             if job.index == 0:
-                logger.info(f"Quarot: no Hadamard across {heads} heads of {hd} (or per head): o_proj's input gets "
-                            f"a full online Hadamard of order {out.in_features} instead")
+                why = ("its values are not a plain per-head projection" if self.layout["value"] is None else
+                       f"no Hadamard across {heads} heads of {hd} (or per head)")
+                logger.info(f"Quarot: {why}: o_proj's input gets a full online Hadamard of order "
+                            f"{out.in_features} instead")
             across = OnlineHadamard(out.in_features, 1, fp32)
         across = across.to(out.weight.device)
         _set(out, _apply_rows(across, out.weight.data))
@@ -197,6 +212,24 @@ class Quarot(Algorithm):
             q.set_weight_qparams()
         self.calibrate_static_acts(job, qlinears)
         return {}
+
+
+def _has(block: nn.Module, name: str) -> bool:
+    try:
+        return get_module(block, name) is not None
+    except AttributeError:
+        return False
+
+
+def _head_layout(adapter, out_width: int) -> tuple[int, int, Optional[str]]:
+    """(heads, head_dim, how o_proj's input is rotated): "across heads" (a Hadamard per head folded into the
+    value rows, and one across heads online), "per head" (per head folded, a full one online), or None (a
+    full online Hadamard only: no plain value projection, or no Hadamard of the head width)."""
+    heads = adapter.model.config.num_attention_heads
+    hd = out_width // heads
+    if adapter.attn_value is None or not is_hadamard_order(hd):
+        return heads, hd, None
+    return heads, hd, "across heads" if is_hadamard_order(heads) else "per head"
 
 
 def _record_of(model_path: str, gguf_file) -> dict:

@@ -156,7 +156,10 @@ def load_fake_quant(path: str | Path, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    from llmc.models.adapter import prepare_model
+
+    # unfused experts (MoE), so records that name one expert's linear find it
+    model = prepare_model(AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval())
     install_recorded_rotations(model, path)  # before the act quantizers, which run after them
     saved = json.loads((path / ACT_RECORD).read_text()) if (path / ACT_RECORD).exists() else {}
     record = saved.get("layers", {})

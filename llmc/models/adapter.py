@@ -66,9 +66,12 @@ class Adapter:
     checkpoint_renames: ClassVar[tuple[tuple[str, str], ...]] = ()
     # QuaRot's rotation of the residual stream (llmc/algorithms/quarot.py): the kind of the norms in front of
     # the subsets ("rms": x / rms(x) * w, which commutes with a rotation once w is folded; "layer": mean
-    # subtraction, which does not; None: undeclared), the token embedding, the value projection and the
-    # linears that write the residual stream (attention output, MLP output).
+    # subtraction, which does not; "sandwich": RMSNorms also between o_proj/down_proj and the residual,
+    # whose scales fold nowhere; None: undeclared), the block norms that read the residual stream, the
+    # token embedding, the value projection (None where values are not a plain per-head linear: fused qkv,
+    # MLA) and the linears that write the residual stream (attention output, MLP output).
     norm_kind: ClassVar[Optional[str]] = None
+    residual_norms: ClassVar[tuple[str, ...]] = ("input_layernorm", "post_attention_layernorm")
     embed_tokens: ClassVar[Optional[str]] = None
     attn_value: ClassVar[Optional[str]] = None
     attn_out: ClassVar[Optional[str]] = None
@@ -89,6 +92,11 @@ class Adapter:
     def block_subsets(self, index: int) -> list[Subset]:
         """The subsets of block `index` (MoE models mix dense and expert blocks)."""
         return self.subsets
+
+    def mlp_outs(self, index: int) -> list[str]:
+        """The linears of block `index` that write the MLP's output to the residual stream, each reading
+        act(gate) · up (MoE: every expert's down linear and the shared expert's)."""
+        return [self.mlp_out] if self.mlp_out else []
 
     def block_linear_names(self, index: int) -> list[str]:
         return [name for subset in self.block_subsets(index) for name in subset.layers]

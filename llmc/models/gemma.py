@@ -16,6 +16,7 @@ class Gemma(Adapter):
     blocks = "model.layers"
     embeddings = ["model.embed_tokens", "model.rotary_emb"]
     final = ["model.norm"]
+    norm_kind = "sandwich"
     subsets = [
         Subset(layers=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), prev_op="input_layernorm",
                input="self_attn.q_proj", inspect="self_attn", has_kwargs=True, prev_offset=OFFSET),

@@ -176,6 +176,14 @@ class MoeAdapter(Adapter):
     def block_subsets(self, index: int) -> list[Subset]:
         return self._per_block[index]
 
+    def mlp_outs(self, index: int) -> list[str]:
+        block = self.block_list()[index]
+        experts = _find(block, self.experts)
+        if not isinstance(experts, Experts):
+            return super().mlp_outs(index)
+        shared = [f"{self.shared}.down_proj"] if _find(block, self.shared) is not None else []
+        return [f"{self.experts}.{e}.{self.expert_linears[2]}" for e in range(len(experts))] + shared
+
     def _subsets_of(self, block: nn.Module) -> list[Subset]:
         experts = _find(block, self.experts)
         if not isinstance(experts, Experts):

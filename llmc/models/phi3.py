@@ -16,6 +16,8 @@ class Phi3(Adapter):
     embeddings = ["model.embed_tokens", "model.rotary_emb"]
     final = ["model.norm"]
     score_layers = ("self_attn.qkv_proj",)
+    norm_kind, embed_tokens = "rms", "model.embed_tokens"
+    attn_out, mlp_out = "self_attn.o_proj", "mlp.down_proj"  # no attn_value: v is part of the fused qkv_proj
     subsets = [
         Subset(layers=("self_attn.qkv_proj",), prev_op="input_layernorm", input="self_attn.qkv_proj",
                inspect="self_attn", has_kwargs=True, shiftable=True),

@@ -12,3 +12,5 @@ class Qwen3Moe(MoeAdapter):
     final = Llama.final
     attention_subsets = Llama.subsets[:2]
     dense_subsets = Llama.subsets[2:]
+    norm_kind, embed_tokens = Llama.norm_kind, Llama.embed_tokens
+    attn_value, attn_out, mlp_out = Llama.attn_value, Llama.attn_out, Llama.mlp_out

@@ -34,6 +34,8 @@ RUNS = {
     "RTN W4 g32 asym": ("configs/quantization/backend/gguf/rtn_w4a16_q4_1.yml", []),
     "RTN W4 g64 sym": ("configs/quantization/backend/lightllm/rtn_w4a16.yml",
                        ["save.save_trtllm=True", "save.save_mlcllm=True"]),
+    "RTN W8A8 static, KV int8 static per-head": ("configs/quantization/methods/KVQuant/"
+                                                 "rtn_w_a_perhead_static_naive_quant_kv.yml", []),
 }
 
 
@@ -86,6 +88,25 @@ def mlcllm_check(save: Path, ref: dict[str, torch.Tensor], group: int) -> dict:
     return {"mb": mb(folder), "bit_exact": exact}
 
 
+def lightllm_kv_check(save: Path, name: str) -> dict:
+    """LightLLM's KV calibration file against the static KV ranges the fake-quant model was run with (saved in
+    its llmc_act_scales.safetensors): each scale must be that range's absmax / 448 (FP8 e4m3)."""
+    from transformers import AutoConfig
+
+    from llmc.export.save import ACT_RECORD, ACT_SCALES
+
+    record = json.loads((save / name).read_text())
+    scales = load_file(str(save / "fake_quant_model" / ACT_SCALES))
+    cfg = AutoConfig.from_pretrained(save / "fake_quant_model")
+    kv = json.loads((save / "fake_quant_model" / ACT_RECORD).read_text())["kvcache"]
+    half = (2 ** kv["bit"] - 1) / 2  # symmetric integer grid: the calibrated absmax is half its span
+    exact = record["scales_shape"] == [cfg.num_hidden_layers, 2 * cfg.num_key_value_heads]
+    for i in range(cfg.num_hidden_layers):
+        want = torch.cat([scales[f"model.layers.{i}.self_attn.{x}_scale"].reshape(-1) * half for x in "kv"]) / 448.0
+        exact &= torch.allclose(torch.tensor(record["scales"][i]), want.double().float(), rtol=1e-6)
+    return {"mb": (save / name).stat().st_size / 2 ** 20, "bit_exact": bool(exact)}
+
+
 def measure(label: str, config: str, overrides: list[str], work: Path) -> dict:
     save = work / "save"
     res = run_llmc(config, EVAL + overrides, str(save))
@@ -103,6 +124,9 @@ def measure(label: str, config: str, overrides: list[str], work: Path) -> dict:
         exact, ppl = compressed_tensors_check(save / "lightllm_quant_model", ref)
         row["formats"]["LightLLM (compressed-tensors)"] = {"mb": mb(save / "lightllm_quant_model"),
                                                           "bit_exact": exact, "reload_ppl": ppl}
+    kv_name = res["config"]["save"].get("lightllm_kv_cache_name") or "kv_cache_calib.json"
+    if (save / kv_name).exists():
+        row["formats"]["LightLLM KV calib (FP8 scales)"] = lightllm_kv_check(save, kv_name)
     return row
 
 
@@ -117,7 +141,8 @@ def render(rows: dict) -> str:
     return ("SmolLM2-135M-Instruct engine exports (`bench/export_engines.py`); PPL on wiki.test.raw first 40 x 2048, "
             "float32 eval. Bit-exact: the file unpacked with the format's published layout (GGUF: gguf's reader and "
             "dequantizer) against the fake-quant weights. Reload: transformers on CPU (GGUF through `gguf_file=`, "
-            "LightLLM's compressed-tensors folder dequantized)\n\n"
+            "LightLLM's compressed-tensors folder dequantized). LightLLM KV calib: the JSON's per-head FP8 scales "
+            "against the static KV ranges the fake-quant PPL was measured with (MB is the JSON's size)\n\n"
             + markdown(["run", "export", "MB", "float MB", "bit-exact vs fake quant", "fake-quant PPL",
                         "reloaded PPL (transformers, CPU)"], table))
 

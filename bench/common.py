@@ -171,8 +171,9 @@ def run_table(name: str, title: str, rows_spec: dict, common: list[str], redo: b
             continue
         print(f"running {label} ...", flush=True)
         # a callable row runs something other than llmc (a peer toolkit) and returns the same fields
-        rows[label] = spec() if callable(spec) else run_row(spec, common,
-                                                            WORK / name / re.sub(r"[^A-Za-z0-9]+", "_", label).strip("_"))
+        row = spec() if callable(spec) else run_row(spec, common,
+                                                    WORK / name / re.sub(r"[^A-Za-z0-9]+", "_", label).strip("_"))
+        rows = {**load_rows(name), label: row}  # rows another process saved meanwhile are kept
         ordered = {k: rows[k] for k in rows_spec if k in rows}
         ordered.update({k: v for k, v in rows.items() if k not in ordered})
         rows = ordered

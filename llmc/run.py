@@ -366,9 +366,10 @@ def run_stage(stage: Config, model, adapter, tokenizer, ctx, batches: list, hand
         batches = []
     local, token_index = distributed.shard_batches(batches, ctx.shard) if ctx.world_size > 1 else (batches, None)
     with ctx.timed("quantize"):
-        algorithm.prepare_model(model, adapter, ctx)
-        state = quantize_blocks(model, adapter, algorithm, local or None, ignored, ctx, algo_cls.quant_out(stage.quant),
-                                ckpt, index, token_index, stage.calib.calibrate_all_experts if stage.calib else True)
+        algorithm.prepare_model(model, adapter, ctx, local)
+        inputs = (local or None) if algo_cls.needs_block_inputs(wargs, aargs, options) else None
+        state = quantize_blocks(model, adapter, algorithm, inputs, ignored, ctx, algo_cls.quant_out(stage.quant), ckpt,
+                                index, token_index, stage.calib.calibrate_all_experts if stage.calib else True)
     for kind, path in options.outputs().items() if ctx.is_main else ():
         header = {"method": algo_cls.name, "weight": stage.quant.weight.model_dump() if stage.quant.weight else None,
                   "fingerprint": architecture_fingerprint(model), "folded": True}

@@ -18,7 +18,7 @@ from llmc.errors import ConfigError, UserError
 
 BUILTIN_METHODS = ("RTN", "GPTQ", "AWQ")
 BUILTIN_BIT, BUILTIN_GROUPS = 4, (32, 128)
-REFUSED_METHODS = ("quarot",)  # changes the model's structure (untied head, online rotations): no restore
+REFUSED_METHODS = ("quarot", "spinquant")  # changes the model's structure (untied head, online rotations): no restore
 
 
 def _builtin(tune) -> list[QuantCfg]:

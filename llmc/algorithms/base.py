@@ -75,6 +75,12 @@ class Algorithm:
         return cls.data_driven or bool(aargs and aargs.static)
 
     @classmethod
+    def needs_block_inputs(cls, wargs: Optional[QuantArgs], aargs: Optional[QuantArgs], options: Options) -> bool:
+        """Whether the blockwise pass runs the calibration samples through the blocks (a method may use the
+        samples only in `prepare_model`)."""
+        return cls.needs_calibration(wargs, aargs, options)
+
+    @classmethod
     def produces(cls, options: Options) -> set[str]:
         """State kinds `apply` returns, which a later stage may start from."""
         return set()
@@ -92,9 +98,10 @@ class Algorithm:
     def check_model(cls, config, adapter) -> None:
         """Checks against the (meta-device) model's shapes, before any weight is loaded (raise ConfigError)."""
 
-    def prepare_model(self, model, adapter, ctx) -> None:
+    def prepare_model(self, model, adapter, ctx, batches: Optional[list[torch.Tensor]] = None) -> None:
         """A model-level transform before the blockwise pass (QuaRot's rotation of the residual stream: the
-        embeddings, every block and the head together); it must keep the float model. Default: nothing."""
+        embeddings, every block and the head together; SpinQuant learns it on `batches`, this process's
+        calibration samples); it must keep the float model. Default: nothing."""
 
     def apply(self, job: BlockJob, targets: Optional[list[torch.Tensor]]) -> dict:
         raise NotImplementedError

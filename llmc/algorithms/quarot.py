@@ -83,10 +83,11 @@ class Quarot(Algorithm):
     Options = QuarotOptions
     keeps_float = True  # the online folds of `apply` keep the block: the engine checks it
     folds = True
+    online_done = False  # the online Hadamards were applied to every block before the blockwise pass
 
     @classmethod
     def check(cls, config) -> None:
-        opts = QuarotOptions.model_validate(config.quant.special)
+        opts = cls.Options.model_validate(config.quant.special)
         if opts.fp32_had and not opts.online_rotate:
             logger.info("Quarot: fp32_had has no effect without online_rotate (no online Hadamard to compute)")
         if config.model.offload != "none":
@@ -100,7 +101,7 @@ class Quarot(Algorithm):
 
     @classmethod
     def check_model(cls, config, adapter) -> None:
-        opts = QuarotOptions.model_validate(config.quant.special)
+        opts = cls.Options.model_validate(config.quant.special)
         kind = adapter.norm_kind
         if kind != "rms" or adapter.embed_tokens is None or adapter.attn_out is None or not adapter.mlp_outs(0):
             what = {"layer": "LayerNorm subtracts the mean, which does not commute with a rotation (QuaRot would "
@@ -128,63 +129,60 @@ class Quarot(Algorithm):
 
     # ---- offline: the whole model --------------------------------------------------------------------
     @torch.no_grad()
-    def prepare_model(self, model, adapter, ctx) -> None:
+    def prepare_model(self, model, adapter, ctx, batches=None) -> None:
+        hidden = self.fold_norms(model, adapter, ctx)
+        gen = torch.Generator().manual_seed(ctx.seed)
+        mode = self.options.rotate_mode
+        q = random_hadamard(hidden, gen) if mode == "hadamard" else random_orthogonal(hidden, gen)
+        logger.info(f"{self.name}: residual stream rotated by a {mode} orthogonal matrix of order {hidden} "
+                    f"(seed {ctx.seed})")
+        rotate_model(model, adapter, ctx, q.to(ctx.device))
+
+    @torch.no_grad()
+    def fold_norms(self, model, adapter, ctx) -> int:
+        """Untie the embeddings, fold every residual RMSNorm's scale into the linears reading it (the final
+        norm's into the head) and record the attention/MLP layout the online rotations need; returns the
+        residual width."""
         embed = get_module(model, adapter.embed_tokens)
         head = get_module(model, adapter.lm_head)
         if head.weight is embed.weight or head.weight.data_ptr() == embed.weight.data_ptr():
             head.weight = nn.Parameter(embed.weight.detach().clone(), requires_grad=embed.weight.requires_grad)
-            logger.info("Quarot: tied embeddings untied (lm_head gets its own copy; saved with tie_word_embeddings False)")
+            logger.info(f"{self.name}: tied embeddings untied (lm_head gets its own copy; saved with "
+                        "tie_word_embeddings False)")
         model.config.tie_word_embeddings = False
         if hasattr(model.config, "get_text_config"):
             model.config.get_text_config().tie_word_embeddings = False
-        hidden = embed.weight.shape[1]
-        gen = torch.Generator().manual_seed(ctx.seed)
-        opts: QuarotOptions = self.options
-        q = (random_hadamard(hidden, gen) if opts.rotate_mode == "hadamard" else random_orthogonal(hidden, gen))
-        q = q.to(ctx.device)
-        logger.info(f"Quarot: residual stream rotated by a {opts.rotate_mode} orthogonal matrix of order {hidden} "
-                    f"(seed {ctx.seed})")
         norms = [get_module(model, n) for n in adapter.present(adapter.final)
                  if getattr(get_module(model, n), "weight", None) is not None and get_module(model, n).weight.dim() == 1]
         if len(norms) != 1:
-            raise ValueError(f"Quarot: expected one final norm in {adapter.final}, found {len(norms)}")
+            raise ValueError(f"{self.name}: expected one final norm in {adapter.final}, found {len(norms)}")
         head.to(ctx.device)
         fuse_norm(norms[0], [head])
-        rotate_input(head, q)
-        embed.weight.data = (embed.weight.data.double() @ q.to(embed.weight.device)).to(embed.weight.dtype)
         blocks = adapter.block_list()
         for i in range(len(blocks)):
             block = ctx.onload(blocks[i])
-            readers: dict[str, list[nn.Module]] = {}  # residual norm → every linear reading its output
-            for subset in adapter.block_subsets(i):
-                if subset.prev_op in adapter.residual_norms:
-                    names = [*subset.layers, *(r for r in subset.readers if _has(block, r))]
-                    readers.setdefault(subset.prev_op, []).extend(get_module(block, n) for n in names)
-            for norm, linears in readers.items():  # one fold per norm: it leaves the norm's weight 1
+            for norm, linears in residual_readers(block, adapter, i).items():  # one fold per norm: its weight → 1
                 fuse_norm(get_module(block, norm), linears)
-                for lin in linears:
-                    rotate_input(lin, q)
-            for name in (adapter.attn_out, *adapter.mlp_outs(i)):
-                rotate_output(get_module(block, name), q)
             blocks[i] = ctx.offload(block, changed=True)
         out_width = get_module(blocks[0], adapter.attn_out).in_features
         heads, head_dim, per_head = _head_layout(adapter, out_width)
         self.layout = {"value": adapter.attn_value, "out": adapter.attn_out, "heads": heads, "head_dim": head_dim,
                        "per_head": per_head, "mlp_outs": [adapter.mlp_outs(i) for i in range(len(blocks))]}
+        return embed.weight.shape[1]
 
     # ---- online: per block ---------------------------------------------------------------------------
     @torch.no_grad()
-    def online_rotations(self, job) -> None:
+    def online_rotations(self, block: nn.Module, index: int) -> None:
         fp32 = self.options.fp32_had
-        for name in self.layout["mlp_outs"][job.index]:
-            down = job.module(name)
+        for name in self.layout["mlp_outs"][index]:
+            down = get_module(block, name)
             rot = OnlineHadamard(down.in_features, 1, fp32).to(down.weight.device)
             _set(down, _apply_rows(rot, down.weight.data))
             attach(down, rot)
-        out = job.module(self.layout["out"])
+        out = get_module(block, self.layout["out"])
         heads, hd, per_head = self.layout["heads"], self.layout["head_dim"], self.layout["per_head"]
         if per_head is not None:  # a Hadamard per head: v_proj's outputs and o_proj's inputs, exactly offline
-            value = job.module(self.layout["value"])
+            value = get_module(block, self.layout["value"])
             per_kv = OnlineHadamard(hd, 1).to(value.weight.device)
             w = _apply_rows(per_kv, value.weight.data.double().T.reshape(-1, hd)).reshape(value.in_features, -1).T
             bias = None if value.bias is None else _apply_rows(per_kv, value.bias.data.view(-1, hd)).reshape(-1)
@@ -193,7 +191,7 @@ class Quarot(Algorithm):
         if per_head == "across heads":
             across = OnlineHadamard(heads, hd, fp32)
         else:
-            if job.index == 0:
+            if index == 0:
                 why = ("its values are not a plain per-head projection" if self.layout["value"] is None else
                        f"no Hadamard across {heads} heads of {hd} (or per head)")
                 logger.info(f"Quarot: {why}: o_proj's input gets a full online Hadamard of order "
@@ -204,14 +202,47 @@ class Quarot(Algorithm):
         attach(out, across)
 
     def apply(self, job, targets):
-        if self.options.online_rotate:
-            self.online_rotations(job)
+        if self.options.online_rotate and not self.online_done:
+            self.online_rotations(job.block, job.index)
             job.check_float("Quarot's online Hadamards")
         qlinears = self.install_all(job)
         for q in qlinears.values():
             q.set_weight_qparams()
         self.calibrate_static_acts(job, qlinears)
         return {}
+
+
+def residual_readers(block: nn.Module, adapter, index: int) -> dict[str, list[nn.Module]]:
+    """{residual norm: every linear reading its output} of one block (MoE routers and shared-expert gates
+    included: they read the same norm)."""
+    readers: dict[str, list[nn.Module]] = {}
+    for subset in adapter.block_subsets(index):
+        if subset.prev_op in adapter.residual_norms:
+            names = [*subset.layers, *(r for r in subset.readers if _has(block, r))]
+            readers.setdefault(subset.prev_op, []).extend(get_module(block, n) for n in names)
+    return readers
+
+
+def residual_writers(adapter, index: int) -> list[str]:
+    return [adapter.attn_out, *adapter.mlp_outs(index)]
+
+
+@torch.no_grad()
+def rotate_model(model, adapter, ctx, q: torch.Tensor) -> None:
+    """Rotate the residual stream of a model whose residual norms are folded (weights 1): h → h·Q."""
+    head = get_module(model, adapter.lm_head)
+    embed = get_module(model, adapter.embed_tokens)
+    rotate_input(head, q)
+    embed.weight.data = (embed.weight.data.double() @ q.to(embed.weight.device)).to(embed.weight.dtype)
+    blocks = adapter.block_list()
+    for i in range(len(blocks)):
+        block = ctx.onload(blocks[i])
+        for linears in residual_readers(block, adapter, i).values():
+            for lin in linears:
+                rotate_input(lin, q)
+        for name in residual_writers(adapter, i):
+            rotate_output(get_module(block, name), q)
+        blocks[i] = ctx.offload(block, changed=True)
 
 
 def _has(block: nn.Module, name: str) -> bool:
@@ -255,7 +286,7 @@ def check_online_rotate(config) -> None:
     prefix = "quant" if not config.stages else None
     for i, q in enumerate(config.stages or [config.quant]):
         key = prefix or f"stages.{i}"
-        if q.method.lower() == "quarot":
+        if q.method.lower() in ("quarot", "spinquant"):
             if recorded:
                 raise ConfigError("quant.method" if prefix else f"{key}.method", "Quarot on a checkpoint that is "
                                   "already rotated (it records online rotations): rotate the original model")

@@ -74,7 +74,7 @@ def test_cayley_step_stays_orthogonal_and_descends():
     target, r = random_orthogonal(24, gen), random_orthogonal(24, gen)
     start = (r - target).norm().item()
     for _ in range(200):
-        r = cayley_step(r, 2 * (r - target), 0.5)
+        r, _ = cayley_step(r, 2 * (r - target), 0.5)
     assert torch.allclose(r.T @ r, torch.eye(24, dtype=r.dtype), atol=1e-10)
     assert (r - target).norm().item() < 0.5 * start
     near = r + 1e-3 * torch.randn(24, 24, generator=gen, dtype=r.dtype)

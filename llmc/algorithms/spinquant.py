@@ -81,13 +81,13 @@ class RotationHooks:
             h.remove()
 
 
-def cayley_step(r: torch.Tensor, grad: torch.Tensor, lr: float) -> torch.Tensor:
+def cayley_step(r: torch.Tensor, grad: torch.Tensor, lr: float) -> tuple[torch.Tensor, float]:
     """One Cayley SGD step on the orthogonal group: A = G·Rᵀ − R·Gᵀ (skew), α = min(lr, 1/‖A‖),
-    R ← (I + α/2·A)⁻¹ (I − α/2·A) R, orthogonal whenever R is."""
+    R ← (I + α/2·A)⁻¹ (I − α/2·A) R, orthogonal whenever R is; returns (R, α)."""
     a = grad @ r.T - r @ grad.T
     alpha = min(lr, 1.0 / (a.norm().item() + 1e-8))
     eye = torch.eye(r.shape[0], dtype=r.dtype, device=r.device)
-    return torch.linalg.solve(eye + alpha / 2 * a, (eye - alpha / 2 * a) @ r)
+    return torch.linalg.solve(eye + alpha / 2 * a, (eye - alpha / 2 * a) @ r), alpha
 
 
 def polar(r: torch.Tensor) -> torch.Tensor:
@@ -141,7 +141,7 @@ class SpinQuant(Quarot):
         for p, _ in frozen:
             p.requires_grad_(False)
         hooks = RotationHooks(model, adapter, r, self.aargs)
-        order, losses = [], []
+        order, losses, alphas = [], [], []
         try:
             for step in tqdm(range(opts.iters), desc="SpinQuant R1", unit="step"):
                 if len(order) < opts.batch_size:
@@ -153,12 +153,15 @@ class SpinQuant(Quarot):
                     loss = model(input_ids=ids, labels=ids, use_cache=False).loss.float()
                 loss.backward()
                 with torch.no_grad():
-                    r.copy_(cayley_step(r, r.grad.float(), opts.lr * (1 - step / opts.iters)))
+                    rotated, alpha = cayley_step(r, r.grad.float(), opts.lr * (1 - step / opts.iters))
+                    r.copy_(rotated)
                 r.grad = None
                 losses.append(loss.item())
+                alphas.append(alpha)
                 if (step + 1) % max(1, opts.iters // 10) == 0:
                     window = losses[-max(1, opts.iters // 10):]
-                    logger.info(f"SpinQuant step {step + 1}/{opts.iters}: loss {sum(window) / len(window):.4f}")
+                    logger.info(f"SpinQuant step {step + 1}/{opts.iters}: loss {sum(window) / len(window):.4f} "
+                                f"(mean over the last {len(window)} steps; step size {alphas[-1]:.3g})")
         finally:
             hooks.remove()
             for p, flag in frozen:

@@ -26,6 +26,7 @@ TITLE = ("SmolLM2-135M-Instruct, QuaRot (bits in each label): weights per-channe
 COMB = "configs/quantization/combination/quarot_comb_gptq"
 STEP1, STEP2, STAGES = f"{COMB}/w4a4/step_1_quarot.yml", f"{COMB}/w4a4/step_2_gptq.yml", f"{COMB}/w4a4_stages.yml"
 RTN = "configs/quantization/methods/RTN/rtn_w_a.yml"
+SPIN = "configs/quantization/methods/SpinQuant/spinquant_w4a4.yml"
 EVAL = ["eval.num_samples=40", "eval.seq_len=2048", "eval.eval_pos=[fake_quant]", "eval.compute_dtype=float32"]
 FROM_STEP1 = ["model.path={work}/step0/transformed_model"]
 KV4 = ["quant.kvcache.method=Naive", "quant.kvcache.bit=4", "quant.kvcache.symmetric=False",
@@ -47,6 +48,9 @@ ROWS = {
     "W6A6 QuaRot+GPTQ": [(STEP1, ["quant.weight.bit=6", "quant.act.bit=6"]),
                          (STEP2, FROM_STEP1 + ["quant.weight.bit=6", "quant.act.bit=6"])],
     "W8A8 QuaRot+RTN": (STEP1, ["quant.weight.bit=8", "quant.act.bit=8"]),
+    # SpinQuant's learned R1 (30 Cayley steps of one 512-token sample, bfloat16 forwards) against QuaRot's
+    # Hadamard, RTN weights both
+    "W4A4 SpinQuant+RTN (30 steps)": (SPIN, ["quant.special.iters=30", "model.compute_dtype=bfloat16"]),
 }
 
 

@@ -4,8 +4,10 @@ QuaRot's random Hadamard is one orthogonal matrix among many, and some rotate th
 others. SpinQuant starts from it (R1) and learns R1 on the calibration loss: the model's next-token cross
 entropy with every quantized linear's input fake-quantized (straight-through) and weights kept float, as the
 paper trains its rotations before GPTQ. R1 stays orthogonal throughout: each step is a Cayley retraction
-along the Riemannian gradient (Li et al., 2020's Cayley SGD, with its step cap 1/‖A‖ and the paper's
-lr 1.5 and linear decay).
+along the Riemannian gradient (Li et al., 2020's Cayley SGD, with its step cap 1/‖A‖ and linear decay).
+The paper's lr 1.5 always hits that cap, moving R1 by ~1 in Frobenius norm per step: on SmolLM2 (576 wide,
+one 512-token sample per step, 30 steps, W4A4 RTN, 8 x 2048 windows) that gave PPL 175.6 against QuaRot's
+131.2, and lr 0.02 (the default here) 127.4.
 
 While learning, nothing is folded: forward hooks rotate the residual stream (embedding outputs and the
 outputs of o_proj/down_proj by R1) and undo it on the readers' inputs (after their activation quantizer),
@@ -33,7 +35,7 @@ from llmc.registry import ALGORITHMS
 
 class SpinQuantOptions(QuarotOptions):
     iters: int = Field(100, ge=1)        # rotation updates
-    lr: float = Field(1.5, gt=0)         # Cayley SGD step, decayed linearly to 0
+    lr: float = Field(0.02, gt=0)        # Cayley SGD step, decayed linearly to 0 (see the module docstring)
     batch_size: int = Field(1, ge=1)     # calibration samples per update
 
 

@@ -29,12 +29,21 @@ from common import DATA, RESULTS, markdown, run_llmc  # noqa: E402
 
 NAME = "export_smollm2"
 EVAL = ["eval.num_samples=40", "eval.seq_len=2048", "eval.eval_pos=[fake_quant]", "eval.compute_dtype=float32"]
+FP8 = ["quant.weight.quant_type=float-quant", "quant.weight.bit=e4m3", "quant.act.quant_type=float-quant",
+       "quant.act.bit=e4m3"]
 RUNS = {
     "GPTQ W4A16 g64 asym": ("configs/quantization/methods/GPTQ/gptq_w_only.yml",
                             ["save.save_fake=True", "save.save_autoawq=True", "save.save_gptq=True",
                              "save.save_vllm=True"]),
     "RTN W8A8 (per-token dynamic)": ("configs/quantization/methods/RTN/rtn_w_a.yml",
                                      ["save.save_fake=True", "save.save_vllm=True"]),
+    "RTN FP8 W8A8 (e4m3 per-channel, per-token dynamic)": ("configs/quantization/methods/RTN/rtn_w_a.yml", FP8 + [
+        "save.save_fake=True", "save.save_vllm=True"]),
+    # DeepSeek's block-wise FP8 at the block SmolLM2's 576 columns divide (64; DeepSeek ships 128)
+    "RTN FP8 block 64 (e4m3 64 x 64 weights, per-group 64 dynamic acts)": (
+        "configs/quantization/methods/RTN/rtn_w_a.yml", FP8 + [
+            "quant.weight.granularity=per_block", "quant.weight.block_size=64", "quant.act.granularity=per_group",
+            "quant.act.group_size=64", "save.save_fake=True", "save.save_vllm=True"]),
 }
 
 

@@ -288,8 +288,8 @@ def check_online_rotate(config) -> None:
         key = prefix or f"stages.{i}"
         if q.method.lower() in ("quarot", "spinquant"):
             if recorded:
-                raise ConfigError("quant.method" if prefix else f"{key}.method", "Quarot on a checkpoint that is "
-                                  "already rotated (it records online rotations): rotate the original model")
+                raise ConfigError("quant.method" if prefix else f"{key}.method", f"{q.method} on a checkpoint that "
+                                  "is already rotated (it records online rotations): rotate the original model")
             if q.special.get("online_rotate"):
                 recorded = {"earlier stage": {}}
                 fp32 = {bool(q.special.get("fp32_had", False))}

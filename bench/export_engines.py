@@ -136,7 +136,8 @@ def render(rows: dict) -> str:
         for fmt, f in r["formats"].items():
             reload = (f"{f['reload_ppl']:.3f} ({100 * (f['reload_ppl'] / r['fake_quant_ppl'] - 1):+.3f}%)"
                       if "reload_ppl" in f else "not run (CUDA-only engine)")
-            table.append([label, fmt, f"{f['mb']:.1f}", f"{r['float_mb']:.1f}", "yes" if f["bit_exact"] else "NO",
+            size = f"{f['mb']:.1f}" if f["mb"] >= 0.1 else f"{f['mb'] * 1024:.1f} KB"
+            table.append([label, fmt, size, f"{r['float_mb']:.1f}", "yes" if f["bit_exact"] else "NO",
                           f"{r['fake_quant_ppl']:.3f}", reload])
     return ("SmolLM2-135M-Instruct engine exports (`bench/export_engines.py`); PPL on wiki.test.raw first 40 x 2048, "
             "float32 eval. Bit-exact: the file unpacked with the format's published layout (GGUF: gguf's reader and "

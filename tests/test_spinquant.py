@@ -85,7 +85,7 @@ def test_learning_lowers_the_quantized_calibration_loss_of_quarots_rotation():
     model, adapter, algo, hidden = _folded()
     ids = _ids(seed=3, n=16, length=32)
     r0 = random_hadamard(hidden, torch.Generator().manual_seed(0))
-    algo.options = SpinQuantOptions(online_rotate=True, iters=8, batch_size=16)
+    algo.options = SpinQuantOptions(online_rotate=True, iters=8, batch_size=16, lr=1.5)  # full batch: large steps
     before = _hooked_loss(model, adapter, r0, ids)
     r = algo.learn(model, adapter, RunContext(), list(ids), r0, torch.Generator().manual_seed(0))
     assert torch.allclose(r.T @ r, torch.eye(hidden, dtype=torch.float64), atol=1e-10)

@@ -6,8 +6,8 @@ every RMSNorm's scale is folded into the linears it feeds (norm weights become 1
 rotated by an orthogonal Q (a randomised Hadamard, or the QR of a Gaussian, seeded from base.seed):
 embeddings E·Q, the linears reading the stream W·Q (q/k/v, gate/up, lm_head), the linears writing it Qᵀ·W
 (o_proj, down_proj: every expert's in MoE blocks; biases too), and the MoE router and shared-expert gate,
-which read the same norm. MLA's latent norms sit inside attention and stay. RMSNorm(xQ) = RMSNorm(x)Q once its scale is folded, so the float model
-is unchanged. LayerNorm's mean subtraction does not commute with Q: those families are refused.
+which read the same norm. MLA's latent norms sit inside attention and stay. RMSNorm(xQ) = RMSNorm(x)Q once
+its scale is folded, so the float model is unchanged. LayerNorm's mean subtraction does not commute with Q: those families are refused.
 
 Online (`online_rotate`, per block in `apply`): a Hadamard H on down_proj's input (H folded into its weight,
 applied to the input in the forward, before the activation quantizer) and QuaRot's value/output rotation:
@@ -131,12 +131,16 @@ class Quarot(Algorithm):
     @torch.no_grad()
     def prepare_model(self, model, adapter, ctx, batches=None) -> None:
         hidden = self.fold_norms(model, adapter, ctx)
-        gen = torch.Generator().manual_seed(ctx.seed)
+        q = self.initial_rotation(hidden, torch.Generator().manual_seed(ctx.seed))
         mode = self.options.rotate_mode
-        q = random_hadamard(hidden, gen) if mode == "hadamard" else random_orthogonal(hidden, gen)
         logger.info(f"{self.name}: residual stream rotated by a {mode} orthogonal matrix of order {hidden} "
                     f"(seed {ctx.seed})")
         rotate_model(model, adapter, ctx, q.to(ctx.device))
+
+    def initial_rotation(self, hidden: int, gen: torch.Generator) -> torch.Tensor:
+        """The residual rotation `rotate_mode` names (float64): QuaRot's, and SpinQuant's starting point."""
+        mode = self.options.rotate_mode
+        return random_hadamard(hidden, gen) if mode == "hadamard" else random_orthogonal(hidden, gen)
 
     @torch.no_grad()
     def fold_norms(self, model, adapter, ctx) -> int:

@@ -28,7 +28,6 @@ from tqdm import tqdm
 from llmc.algorithms.quarot import Quarot, QuarotOptions, residual_readers, residual_writers, rotate_model
 from llmc.errors import ConfigError, UserError
 from llmc.models.adapter import get_module
-from llmc.quant.hadamard import random_hadamard, random_orthogonal
 from llmc.quant.quantizer import fake_quant
 from llmc.registry import ALGORITHMS
 
@@ -54,15 +53,14 @@ class RotationHooks:
         hook(get_module(model, adapter.embed_tokens).register_forward_hook(self._rotate_output))
         hook(get_module(model, adapter.lm_head).register_forward_pre_hook(self._unrotate))
         for i, block in enumerate(adapter.block_list()):
-            readers = {id(m) for linears in residual_readers(block, adapter, i).values() for m in linears}
+            readers = [m for linears in residual_readers(block, adapter, i).values() for m in linears]
             quantized = {id(get_module(block, n)) for n in adapter.block_linear_names(i)}
-            for linears in residual_readers(block, adapter, i).values():
-                for lin in linears:
-                    hook(lin.register_forward_pre_hook(self._quant_unrotate if id(lin) in quantized else self._unrotate))
+            for lin in readers:
+                hook(lin.register_forward_pre_hook(self._quant_unrotate if id(lin) in quantized else self._unrotate))
             for name in residual_writers(adapter, i):
                 hook(get_module(block, name).register_forward_hook(self._rotate_output))
             for name in adapter.block_linear_names(i):
-                if id(get_module(block, name)) not in readers and act_args is not None:
+                if all(get_module(block, name) is not m for m in readers) and act_args is not None:
                     hook(get_module(block, name).register_forward_pre_hook(self._quant))
 
     def _rotate_output(self, module, args, out):
@@ -130,7 +128,7 @@ class SpinQuant(Quarot):
             self.online_done = True
         gen = torch.Generator().manual_seed(ctx.seed)
         mode = self.options.rotate_mode
-        r0 = random_hadamard(hidden, gen) if mode == "hadamard" else random_orthogonal(hidden, gen)
+        r0 = self.initial_rotation(hidden, gen)
         r = self.learn(model, adapter, ctx, rows, r0, gen)
         logger.info(f"SpinQuant: residual stream rotated by the learned R1 (from a {mode} start, seed {ctx.seed}; "
                     f"moved {(r - r0.to(r.device)).norm().item():.3f} in Frobenius norm)")

@@ -7,6 +7,9 @@ W2): asym g64 weight-only, calibration 128 x 512 tokens of wiki.valid.tokens dra
 writes bench/results/learned_smollm2.{json,md}. auto-round's rows run its own script from ../shared/peers
 (`run_autoround.py`, in the venv its README installs; AUTOROUND_PYTHON names that interpreter) in this same
 sitting, so quantize times compare only between rows of one machine (the table's footnote names it).
+auto-round returns its model in bfloat16 on a bf16-capable CPU and the peer script scores it as returned;
+bench/autoround_peer.py also scores it in float32 (the protocol's PPL, the table's), and the footnote gives
+the as-returned score.
 """
 from __future__ import annotations
 
@@ -21,7 +24,8 @@ from common import RESULTS, ROOT, machine, markdown, render, table_main
 NAME = "learned_smollm2"
 TITLE = ("SmolLM2-135M-Instruct, weight-only asym g64, calib 128 x 512 wiki.valid.tokens (seed 0), PPL on "
          "wiki.test.raw first 40 x 2048 in float32, CPU (2 cores); llmc rows: block forwards under bfloat16 "
-         "autocast, learned parameters and losses float32 (auto-round's CPU default); `bench/learned.py`")
+         "autocast over float32 weights, learned parameters and losses float32 (auto-round on this CPU: the whole "
+         "model cast to bfloat16); `bench/learned.py`")
 SIGNROUND = "configs/quantization/methods/SignRound/signround_w_only.yml"
 EVAL = ["eval.num_samples=40", "eval.seq_len=2048", "eval.eval_pos=[fake_quant]", "eval.compute_dtype=float32",
         "calib.seed=0", "base.seed=0"]
@@ -38,12 +42,15 @@ def autoround(bits: int):
         with tempfile.TemporaryDirectory() as tmp:
             env = {**os.environ, "PEER_BENCH": os.environ.get("PEER_BENCH", "/tmp/peer_bench")}
             tag = f"learned_ar_w{bits}"
-            cmd = ["/usr/bin/time", "-v", python, str(PEERS / "run_autoround.py"), "--tag", tag, "--bits", str(bits)]
+            # the peer's own script, its returned (bfloat16) model also scored in float32 as the protocol says
+            cmd = ["/usr/bin/time", "-v", python, str(ROOT / "bench" / "autoround_peer.py"), "--tag", tag, "--bits",
+                   str(bits)]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp)
             if proc.returncode != 0:
                 raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
             res = json.loads((Path(env["PEER_BENCH"]) / "results" / f"{tag}.json").read_text())
-        return {"ppl": res["ppl_inmem"], "quantize_s": res["quant_wall_s"], "peak_rss_mb": res["peak_rss_gb"] * 1024,
+        return {"ppl": res["ppl_float32"], "ppl_as_returned": res["ppl_inmem"], "returned_dtype": res["returned_dtype"],
+                "quantize_s": res["quant_wall_s"], "peak_rss_mb": res["peak_rss_gb"] * 1024,
                 "wall_s": 0.0, "machine": machine(), "peer": f"auto-round {res['versions']['auto_round']}"}
     return run
 
@@ -64,8 +71,12 @@ def done_check(rows: dict) -> str:
         ref = peer["ppl"] if peer else TARGET[bit]
         verdict = "pending" if ppl is None else ("met" if ppl <= ref else "not met")
         body.append([f"W{bit}", f"{best}: {ppl:.3f}" if best else "pending", f"{ref:.3f}", verdict])
+    returned = [f"{k}: {r['ppl_as_returned']:.3f} ({r['returned_dtype']})" for k, r in rows.items()
+                if "ppl_as_returned" in r]
+    note = ("\n\nauto-round's PPL in the table is its returned model cast to float32 (the protocol); scored as "
+            "returned by its script: " + "; ".join(returned)) if returned else ""
     return "Done check (best llmc row against auto-round on this machine, else its README figure)\n\n" + markdown(
-        ["bits", "best llmc row", "auto-round", "verdict"], body)
+        ["bits", "best llmc row", "auto-round", "verdict"], body) + note
 
 
 if __name__ == "__main__":

@@ -3,11 +3,12 @@
 packed: the quickstart's RTN W4 g64 asym written as compressed-tensors, GPTQ and AutoAWQ checkpoints, each
 reloaded by its client (transformers + compressed-tensors here; transformers through GPTQModel in the venv of
 tests/test_export_clients_gptqmodel.py, float16) and scored on the quickstart's 8 x 2048 windows beside the
-fake-quant model. tune: four W4 asym candidates (RTN g32, RTN g64, HQQ g64, GPTQ g64 with 32 x 512 calibration
+fake-quant model; then SGLang, LightLLM (compressed-tensors) and MLC-LLM (AutoAWQ layout) folders, and the
+GGUF file at group 32 (Q4_1, transformers' gguf reader), each on windows 0-3. tune: four W4 asym candidates (RTN g32, RTN g64, HQQ g64, GPTQ g64 with 32 x 512 calibration
 tokens) scored on the held-out windows 8-15 of wiki.test.raw; the winner reported on windows 0-7.
-Each row is under ~10 minutes on an idle 2-core machine.
+The GPTQModel-venv clients take ~15 minutes per 8 windows on 2 cores (float16 CPU kernels).
 
-    python bench/tune_packed.py [--redo] [--only packed|tune]   # writes bench/results/tune_packed_smollm2.{json,md}
+    python bench/tune_packed.py [--redo] [--only LABEL ...]   # writes bench/results/tune_packed_smollm2.{json,md}
 """
 from __future__ import annotations
 
@@ -37,6 +38,12 @@ TUNE = {
 ROWS = {
     "packed": ("configs/quickstart.yml", ["eval.eval_pos=[fake_quant,packed]", "save.save_vllm=True",
                                           "save.save_gptq=True", "save.save_autoawq=True"]),
+    "packed, SGLang / LightLLM / MLC-LLM": ("configs/quickstart.yml", [
+        "eval.eval_pos=[fake_quant,packed]", "eval.num_samples=4", "save.save_sgl=True", "save.save_lightllm=True",
+        "save.save_mlcllm=True"]),
+    # GGUF's Q4_1 is asymmetric 4-bit in groups of 32: the quickstart at group 32
+    "packed, GGUF Q4_1": ("configs/quickstart.yml", ["quant.weight.group_size=32", "eval.eval_pos=[fake_quant,packed]",
+                                                    "eval.num_samples=4", "save.save_gguf=True"]),
     "tune": (None, []),
 }
 
@@ -54,13 +61,16 @@ def run(label: str) -> dict:
 
 def render(rows: dict) -> str:
     parts = ["SmolLM2-135M-Instruct, `bench/tune_packed.py` (issue 29); PPL on wiki.test.raw x 2048-token windows, CPU"]
-    if "packed" in rows:
-        r = rows["packed"]
+    for label, r in rows.items():
+        if not label.startswith("packed"):
+            continue
         fake = next(e["ppl"] for e in r["evals"] if e["pos"] == "fake_quant")
+        windows = next((o.split("=")[1] for o in ROWS[label][1] if o.startswith("eval.num_samples=")), "8")
+        group = next((o.split("=")[1] for o in ROWS[label][1] if o.startswith("quant.weight.group_size=")), "64")
         body = [[e["pos"].split()[1], e["client"], f"{e['ppl']:.4f}", f"{fake:.4f}", f"{100 * e['vs_fake_quant']:+.3f}%",
                  f"{100 * e['tolerance']:g}%", f"{r['timings'].get('eval packed ' + e['pos'].split()[1] + ' wikitext2', 0):.0f}"]
                 for e in r["evals"] if e["pos"].startswith("packed")]
-        parts += ["### eval_pos packed: RTN W4 g64 asym (configs/quickstart.yml), windows 0-7",
+        parts += [f"### eval_pos {label}: RTN W4 g{group} asym (configs/quickstart.yml), windows 0-{int(windows) - 1}",
                   markdown(["export", "client", "packed PPL", "fake-quant PPL", "difference", "tolerance", "eval s"], body),
                   f"Process wall {r['wall_s']:.0f} s, peak RSS {r['peak_rss_mb']:.0f} MB; {r['machine']}"]
     if "tune" in rows:

@@ -146,6 +146,43 @@ def test_the_best_iteration_is_kept(monkeypatch):
     assert final == pytest.approx(losses[best], rel=1e-5)
 
 
+
+def _losses_of_one_block(monkeypatch, options):
+    """The mini-batch loss of every iteration SignRound ran on block 0 of a tiny Llama."""
+    losses = []
+    real = SignRound._sse
+
+    def spy(self, job, targets, picks):
+        sse, count = real(self, job, targets, picks)
+        losses.append(sse.item() / count)
+        return sse, count
+
+    monkeypatch.setattr(SignRound, "_sse", spy)
+    model = make_model("llama")
+    adapter = adapter_class("llama", None)(model)
+    inputs = capture_block_inputs(model, adapter, _batches(model, 4, 2), RunContext())
+    job = BlockJob(0, "model.layers.0", adapter.block_list()[0], adapter.subsets, inputs, set(), RunContext())
+    SignRound(W3, None, options).apply(job, job.forward())
+    return losses
+
+
+def test_dynamic_max_gap_stops_a_block_that_stopped_improving(monkeypatch):
+    """auto-round's dynamic_max_gap: a block stops `gap` iterations after its last new best; with the
+    last iteration kept (not_use_best_mse) there is no best to wait for and every iteration runs."""
+    full = _losses_of_one_block(monkeypatch, SignRoundOptions(iters=12, lr=LR, minmax_lr=LR, batch_size=8))
+    # where the rule must stop: the first iteration `gap` past the best loss seen so far
+    gap = 1
+    stop = next(it for it in range(len(full)) if it - min(range(it + 1), key=full.__getitem__) >= gap)
+    assert stop < 11  # the trajectory has a worse step, so the gap ends the block early
+    monkeypatch.undo()
+    cut = _losses_of_one_block(monkeypatch, SignRoundOptions(iters=12, lr=LR, minmax_lr=LR, batch_size=8,
+                                                             dynamic_max_gap=gap))
+    assert cut == pytest.approx(full[:stop + 1], rel=1e-6)  # same trajectory, ended where the rule says
+    monkeypatch.undo()
+    last = _losses_of_one_block(monkeypatch, SignRoundOptions(iters=12, lr=LR, minmax_lr=LR, batch_size=8,
+                                                              dynamic_max_gap=gap, not_use_best_mse=True))
+    assert len(last) == 12
+
 def _cfg(make_config, special, quant=None):
     q = {"method": "SignRound", "special": special}
     q.update(quant or {})

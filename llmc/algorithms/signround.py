@@ -208,7 +208,8 @@ class SignRound(Algorithm):
             if not opts.not_use_best_mse and value < best_loss:
                 best_loss, best_iter = value, it
                 best = [p.detach().clone() for p in params]
-            if 0 < opts.dynamic_max_gap <= it - best_iter:
+            # auto-round's early stop waits for a new best, so it applies only while the best is tracked
+            if not opts.not_use_best_mse and 0 < opts.dynamic_max_gap <= it - best_iter:
                 break
             decay = 1.0 - it / opts.iters  # linear decay to 0 over iters, as auto-round's LinearLR
             with torch.no_grad():

@@ -393,6 +393,16 @@ def test_config_check_sees_gptq_act_order(make_config, wiki_files, static_groups
             packed_exports(config)
 
 
+@pytest.mark.parametrize("value", [True, False])
+def test_llmcs_save_autogptq_is_the_gptq_export(make_config, value):
+    """LLMC's configs carry save_autogptq (AutoGPTQ's checkpoint): True writes the GPTQ folder, False nothing."""
+    from llmc.config import load_config
+    from llmc.export.packing import packed_exports
+
+    config = load_config(make_config({"save": {"save_autogptq": value}}))
+    assert [f.folder for f in packed_exports(config)] == (["gptq_quant_model"] if value else [])
+
+
 def test_cli_gptq_act_order_writes_g_idx(make_config, wiki_files, tmp_path):
     path = make_config({
         "calib": {"name": "wikitext2", "path": wiki_files["valid"], "n_samples": 4, "seq_len": 32},

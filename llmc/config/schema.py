@@ -264,6 +264,7 @@ class SaveCfg(Section):
     # Real quantized checkpoints (llmc/export/): AutoAWQ GEMM, GPTQ v1, compressed-tensors for vLLM / SGLang.
     save_autoawq: bool = False
     save_gptq: bool = False
+    save_autogptq: bool = False   # LLMC's name for AutoGPTQ's format: the GPTQ folder save_gptq writes
     save_vllm: bool = False
     save_sgl: bool = False
     save_lightllm: bool = False   # LLMC's LightLLM folder: the compressed-tensors checkpoint save_vllm writes
@@ -281,6 +282,8 @@ class SaveCfg(Section):
 
     @model_validator(mode="after")
     def _path(self) -> "SaveCfg":
+        if self.save_autogptq and not self.save_gptq:  # one folder, checked and written as save_gptq
+            object.__setattr__(self, "save_gptq", True)
         wanted = [k for k in ("save_trans", "save_fake", "save_lightllm_kv_calib") + PACKED_SAVES if getattr(self, k)]
         if wanted and not self.save_path:
             raise ValueError(f"{'/'.join(wanted)} need save_path")

@@ -354,7 +354,7 @@ def run_stage(stage: Config, model, adapter, tokenizer, ctx, batches: list, hand
     algorithm = algo_cls(wargs, aargs, options)
     algorithm.gates = tuple(stage.quant.quantize_gates)
     floats, algorithm.layer_args = mix_bits.resolve(stage.quant, adapter)
-    ignored = ignored | floats
+    algorithm.ignored = ignored = ignored | floats
     for kind, path in options.inputs().items():
         if kind in handed:
             algorithm.loaded[kind] = handed[kind]

@@ -184,6 +184,34 @@ def test_training_lowers_the_block_error_below_round_to_nearest():
             assert q.lwc is None and q.w_scale is not None and not q.weight.requires_grad
 
 
+def test_objective_lm_learns_every_blocks_scales_and_keeps_the_float_model():
+    """INC's TEQ: the scales of every block learned together on the model's next-token loss with the
+    linears fake-quantized, then folded: the float model is unchanged, the plain linears are back, and the
+    first Adam step moved every scale by lr (Adam's first step is lr·sign(grad))."""
+    args = QuantArgs(bit=3, symmetric=False, granularity="per_group", group_size=16)
+    model = make_model("llama")
+    ids = torch.randint(0, model.config.vocab_size, (8, 32), generator=torch.Generator().manual_seed(1))
+    adapter = adapter_class("llama", None)(model)
+    norms = [layer.input_layernorm.weight.detach().clone() for layer in model.model.layers]
+    with torch.no_grad():
+        float_logits = model(input_ids=ids).logits
+    lr = 0.01
+    algo = TEQ(args, None, TeqOptions(objective="lm", train_steps=1, lr=lr, warmup_ratio=0, batch_size=8))
+    assert not TEQ.needs_block_inputs(args, None, algo.options)
+    algo.prepare_model(model, adapter, RunContext(), [ids[:4], ids[4:]])
+    assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, (nn.Linear, QuantLinear)))
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, float_logits, rtol=1e-4, atol=1e-4)
+    for before, layer in zip(norms, model.model.layers):  # the qkv scale, folded into the norm as 1/s
+        s_qkv = before / layer.input_layernorm.weight.detach()
+        assert torch.allclose((s_qkv - 1).abs(), torch.full_like(s_qkv, lr), atol=1e-4)
+
+
+def test_objective_lm_runs_end_to_end(make_config, wiki_files, tmp_path):
+    cfg = _cfg(make_config, wiki_files, {"objective": "lm", "train_steps": 2, "batch_size": 2})
+    assert main(["--config", cfg, "--results", str(tmp_path / "r.json")]) == 0
+
+
 def _cfg(make_config, wiki_files, special, quant=None, save=None):
     q = {"method": "TEQ", "special": special,
          "weight": {"bit": 4, "symmetric": False, "granularity": "per_group", "group_size": 16}}
@@ -200,6 +228,7 @@ def _cfg(make_config, wiki_files, special, quant=None, save=None):
     ({"train_step": 3}, None, "train_step"),
     ({"betas": [0.9, 1.5]}, None, "betas"),
     ({"lr_scheduler_type": "cosine"}, None, "lr_scheduler_type"),
+    ({"objective": "model"}, None, "objective"),
     ({}, {"act": {"bit": 8, "granularity": "per_token"}}, "quant.act"),
     ({}, {"weight": {"bit": 4, "calib_algo": "learnable"}}, "calib_algo"),
 ])

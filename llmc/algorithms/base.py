@@ -69,6 +69,7 @@ class Algorithm:
         self.gates: tuple[str, ...] = ()  # float readers (MoE routers) opted into quantization: quant.quantize_gates
         # (weight, act) settings of linears that quant.mix_bits sets apart, by full name (llmc/config/mix_bits.py)
         self.layer_args: dict[str, tuple[Optional[QuantArgs], Optional[QuantArgs]]] = {}
+        self.ignored: set[str] = set()  # full names of the linears that stay float (set by the run)
 
     @classmethod
     def needs_calibration(cls, wargs: Optional[QuantArgs], aargs: Optional[QuantArgs], options: Options) -> bool:

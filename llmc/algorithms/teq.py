@@ -9,8 +9,12 @@ down_proj): the function the folded model computes, without folding at every ste
 with a straight-through gradient (INC's fake quant is the identity backwards), so s moves only through
 the rounding residual Q(M) - M. As INC: scales start at 1 (or 1/sqrt(max|W|) per column, `sqrt_w_init`),
 are clipped to >= 1e-5, Adam with betas (0.9, 0.9), a linear schedule with warmup. INC trains the whole
-model on the LM loss; here each block trains on its output error on `batch_size` samples per step, like
-llmc's other learned methods. The result is an ordinary grid, so every export writes it.
+model on its next-token loss (`objective: lm`, 1000 steps: INC's train()); `objective: block` trains each
+block on its output error instead, like llmc's other learned methods (100 steps per block). With `lm` every
+block's scales are learned together before the blockwise pass, which is then round-to-nearest on the
+folded model. Either way the result is an ordinary grid, so every export writes it. Beyond INC, the
+subsets fed by v_proj and up_proj get scales too (INC's graph trace finds only norms to absorb them in
+Llama-like blocks).
 """
 from __future__ import annotations
 
@@ -20,13 +24,15 @@ import torch
 from loguru import logger
 from pydantic import Field, field_validator
 from torch import nn
+from tqdm import tqdm
 
 from llmc.algorithms.base import Algorithm, Options
 from llmc.algorithms.equivalence import fold_plan
 from llmc.algorithms.minibatch import backward_mean, sample_ids
 from llmc.algorithms.signround import CyclicSampler
-from llmc.engine.block import block_output
-from llmc.errors import ConfigError
+from llmc.engine.block import BlockJob, block_output
+from llmc.errors import ConfigError, UserError
+from llmc.models.adapter import set_module
 from llmc.quant.quantizer import QuantArgs, bind_global, calibrate, dequantize, grouped, quantize
 from llmc.registry import ALGORITHMS
 
@@ -34,7 +40,8 @@ MIN_SCALE = 1e-5  # INC clips the trained scales to this before using or folding
 
 
 class TeqOptions(Options):
-    train_steps: int = Field(100, ge=0)          # per block (INC's train(train_steps=100))
+    objective: Literal["lm", "block"] = "block"  # lm: the model's next-token loss (INC); block: block output MSE
+    train_steps: Optional[int] = Field(None, ge=0)  # None: 1000 with lm (INC's train()), 100 per block with block
     lr: float = Field(1e-3, gt=0)
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     lr_scheduler_type: Literal["linear", "constant"] = "linear"
@@ -49,6 +56,12 @@ class TeqOptions(Options):
         if not all(0 <= b < 1 for b in v):
             raise ValueError(f"betas {list(v)}: each must be in [0, 1)")
         return v
+
+    @property
+    def steps(self) -> int:
+        if self.train_steps is not None:
+            return self.train_steps
+        return 1000 if self.objective == "lm" else 100
 
 
 def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
@@ -116,16 +129,24 @@ class TEQ(Algorithm):
             raise ConfigError("quant.act", "TEQ is weight-only (INC's weight-only TEQ): remove the act section, or use "
                               "SmoothQuant / OmniQuant (let: True) for learned scales with quantized activations")
 
+    @classmethod
+    def needs_block_inputs(cls, wargs, aargs, options) -> bool:
+        return options.objective == "block"  # lm: the samples serve the model-level training only
+
     # ---- the block transform ----------------------------------------------------------------------
     def apply(self, job, targets):
         opts: TeqOptions = self.options
         qlinears = self.install_all(job)
+        if opts.objective == "lm":  # scales learned and folded in prepare_model: round to nearest
+            for q in qlinears.values():
+                q.set_weight_qparams()
+            return {}
         for p in job.block.parameters():
             p.requires_grad_(False)
         plans = self._plans(job)
         self._attach(job, qlinears, plans)
         try:
-            if opts.train_steps > 0 and plans:
+            if opts.steps > 0 and plans:
                 self._train(job, targets, [p for _, _, p in plans])
         finally:
             for q in qlinears.values():
@@ -187,16 +208,14 @@ class TEQ(Algorithm):
         for p in params:
             p.requires_grad_(True)
         optimizer = torch.optim.Adam(params, lr=opts.lr, betas=opts.betas, weight_decay=opts.weight_decay)
-        warmup = int(opts.train_steps * opts.warmup_ratio)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda k: lr_factor(k, opts.train_steps, warmup, opts.lr_scheduler_type))
+        schedule = self._schedule(optimizer)
         owned, n = sample_ids(job)
         # the same global mini-batches on every process (seeded by block): the result does not depend on
         # the process count
         sampler = CyclicSampler(n, opts.batch_size, torch.Generator().manual_seed(ctx.seed + job.index))
         first = last = None
         try:
-            for _ in range(opts.train_steps):
+            for _ in range(opts.steps):
                 mine = [owned[i] for i in sampler.next() if i in owned]
                 sse, count = self.sse(job, targets, mine) if mine else (None, 0)
                 last = backward_mean(ctx, params, sse, count).item()
@@ -210,6 +229,85 @@ class TEQ(Algorithm):
         s = torch.cat([_clipped(p.detach()).flatten() for p in params])
         logger.info(f"TEQ {job.name}: loss {first:.6g} at step 0 -> {last:.6g}; scales in "
                     f"[{s.min().item():.4g}, {s.max().item():.4g}]")
+
+    def _schedule(self, optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        opts: TeqOptions = self.options
+        warmup = int(opts.steps * opts.warmup_ratio)
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda k: lr_factor(k, opts.steps, warmup, opts.lr_scheduler_type))
+
+    # ---- objective lm: every block's scales on the model's next-token loss (INC) ------------------
+    def prepare_model(self, model, adapter, ctx, batches=None) -> None:
+        opts: TeqOptions = self.options
+        if opts.objective != "lm":
+            return
+        if ctx.world_size > 1:
+            raise UserError("TEQ with objective lm trains on the whole model in one process; run it without "
+                            "torchrun, or use objective: block")
+        rows = [row for b in batches or [] for row in b]
+        if not rows:
+            raise UserError("TEQ: no calibration samples to train the scales on (give a calib section)")
+        jobs, plans, originals = [], [], []
+        for i, block in enumerate(adapter.block_list()):
+            job = BlockJob(i, adapter.block_name(i), block, adapter.block_subsets(i), None, self.ignored, ctx,
+                           adapter.head_dim(), adapter.score_layers)
+            originals.append({n: job.module(n) for n in job.quantized_layers()})
+            qlinears = self.install_all(job)  # shares each linear's weight: only the forward changes
+            jobs.append(job)
+            plans.append(self._plans(job))
+            self._attach(job, qlinears, plans[-1])
+        params = [p for block_plans in plans for _, _, p in block_plans]
+        frozen = [(p, p.requires_grad) for p in model.parameters()]
+        try:
+            for p, _ in frozen:
+                p.requires_grad_(False)
+            if opts.steps > 0 and params:
+                self._train_lm(model, ctx, rows, params)
+        finally:
+            for job, linears in zip(jobs, originals):
+                for name, linear in linears.items():
+                    set_module(job.block, name, linear)
+            for p, flag in frozen:
+                p.requires_grad_(flag)
+        with torch.no_grad():
+            for block_plans in plans:
+                for _, fold, p in block_plans:
+                    fold.apply(_clipped(p.detach()))
+
+    def _train_lm(self, model, ctx, rows: list[torch.Tensor], params: list[nn.Parameter]) -> None:
+        opts: TeqOptions = self.options
+        for p in params:
+            p.requires_grad_(True)
+        optimizer = torch.optim.Adam(params, lr=opts.lr, betas=opts.betas, weight_decay=opts.weight_decay)
+        schedule = self._schedule(optimizer)
+        gen = torch.Generator().manual_seed(ctx.seed)
+        order, losses = [], []
+        try:
+            for step in tqdm(range(opts.steps), desc="TEQ scales (model loss)", unit="step"):
+                if len(order) < opts.batch_size:
+                    order += torch.randperm(len(rows), generator=gen).tolist()
+                picked, order = order[:opts.batch_size], order[opts.batch_size:]
+                length = min(rows[i].numel() for i in picked)
+                ids = torch.stack([rows[i][:length] for i in picked]).to(ctx.device)
+                with ctx.autocast():
+                    loss = model(input_ids=ids, labels=ids, use_cache=False).loss.float()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                losses.append(loss.item())
+                if (step + 1) % max(1, opts.steps // 10) == 0:
+                    window = losses[-max(1, opts.steps // 10):]
+                    logger.info(f"TEQ step {step + 1}/{opts.steps}: loss {sum(window) / len(window):.4f} "
+                                f"(mean over the last {len(window)} steps)")
+        finally:
+            for p in params:
+                p.grad = None
+                p.requires_grad_(False)
+        s = torch.cat([_clipped(p.detach()).flatten() for p in params])
+        logger.info(f"TEQ: model loss {losses[0]:.4f} at step 0 -> {losses[-1]:.4f}; scales in "
+                    f"[{s.min().item():.4g}, {s.max().item():.4g}]")
+        self.losses = losses
 
     def sse(self, job, targets, picks) -> tuple[torch.Tensor, int]:
         """Summed squared error of the quantized block on the picked samples against the float targets,

@@ -35,6 +35,10 @@ ROWS = {  # in the order they run: peer comparisons first, the long AWQ rows las
     # TEQ (INC's trainable equivalent transformation): 100 Adam steps per block at INC's lr 1e-3, beside AWQ
     "TEQ W4": (TEQ, []),
     "TEQ W3": (TEQ, ["quant.weight.bit=3"]),
+    # Intel Neural Compressor's estimator and lr
+    "TEQ W4 (INC's identity estimator, lr 1e-3)": (TEQ, ["quant.special.estimator=identity", "quant.special.lr=0.001"]),
+    "TEQ W3 (INC's identity estimator, lr 1e-3)": (TEQ, ["quant.weight.bit=3", "quant.special.estimator=identity",
+                                                        "quant.special.lr=0.001"]),
     "FP": (RTN, ["eval.eval_pos=[pretrain]"]),
 }
 

@@ -30,7 +30,17 @@ def _fq(m, group=16, bits=4):
 
 
 def _ste(m):
+    """INC's estimator: the fake quant is the identity backwards."""
     return m + (_fq(m) - m).detach()
+
+
+def _round_ste(m, group=16, bits=4):
+    """Only the rounding straight-through: the grid's absmax, and so its scale, carry the gradient."""
+    g = m.reshape(-1, group)
+    scale = (g.abs().amax(-1, keepdim=True) / (2 ** (bits - 1) - 0.5)).clamp(min=torch.finfo(torch.float32).eps)
+    t = g / scale
+    codes = torch.clamp(t + (torch.round(t) - t).detach(), -2 ** (bits - 1), 2 ** (bits - 1) - 1)
+    return (codes * scale).reshape(m.shape)
 
 
 def test_gradient_of_the_scales_on_one_linear_is_the_straight_through_formula():
@@ -45,7 +55,7 @@ def test_gradient_of_the_scales_on_one_linear_is_the_straight_through_formula():
     c = nn.Parameter(torch.rand(32, generator=g) + 0.5)
     r = nn.Parameter(torch.rand(8, generator=g) + 0.5)
     q = QuantLinear(lin, W4)
-    q.lwc = TeqWeight(W4, col=lambda: c, row=lambda: r)
+    q.lwc = TeqWeight(W4, col=lambda: c, row=lambda: r, estimator="identity")
     x = torch.randn(5, 32, generator=g)
     target = torch.randn(5, 8, generator=g)
     ((q(x) - target) ** 2).sum().backward()
@@ -77,7 +87,7 @@ def _job(seed=0, n=4, bs=2, length=24, outliers=False):
     return job, job.forward()
 
 
-def _folded_reference(block, scales, job):
+def _folded_reference(block, scales, job, _ste=_ste):
     """The block with the scales folded in (norms / s, columns · s, v's and up's rows / s) and every linear
     fake-quantized with a straight-through estimate: autograd through this is TEQ's gradient."""
     s_qkv, s_o, s_gu, s_d = scales
@@ -107,10 +117,11 @@ def _folded_reference(block, scales, job):
     return loss / count
 
 
-def test_gradient_of_a_block_is_the_fold_then_quantize_gradient():
+@pytest.mark.parametrize("estimator, reference", [("identity", _ste), ("round", _round_ste)])
+def test_gradient_of_a_block_is_the_fold_then_quantize_gradient(estimator, reference):
     job, targets = _job()
     block = copy.deepcopy(job.block)
-    algo = TEQ(W4, None, TeqOptions())
+    algo = TEQ(W4, None, TeqOptions(estimator=estimator))
     qlinears = algo.install_all(job)
     for p in job.block.parameters():
         p.requires_grad_(False)
@@ -129,7 +140,7 @@ def test_gradient_of_a_block_is_the_fold_then_quantize_gradient():
 
     ref_scales = [p.detach().clone().requires_grad_(True) for p in params]
     job._targets = targets
-    ref_loss = _folded_reference(block, ref_scales, job)
+    ref_loss = _folded_reference(block, ref_scales, job, reference)
     ref_loss.backward()
     assert (sse / count).item() == pytest.approx(ref_loss.item(), rel=1e-4)
     for p, r in zip(params, ref_scales):
@@ -150,7 +161,8 @@ def test_one_adam_step_moves_each_scale_by_lr_against_its_gradient_and_the_fold_
     job._targets = targets
     _folded_reference(block, ones, job).backward()
     lr = 0.01
-    TEQ(W4, None, TeqOptions(train_steps=1, lr=lr, warmup_ratio=0, batch_size=8)).apply(job, targets)
+    TEQ(W4, None, TeqOptions(train_steps=1, lr=lr, warmup_ratio=0, batch_size=8, estimator="identity")).apply(
+        job, targets)
     s_qkv = ln1 / job.block.input_layernorm.weight.detach()
     grad = ones[0].grad
     assert torch.allclose(s_qkv, 1 - lr * grad / (grad.abs() + 1e-8), atol=1e-5)
@@ -172,11 +184,13 @@ def _block_error(algo):
     return sum(((o - t) ** 2).sum() for o, t in zip(out, targets)).item(), job
 
 
-def test_training_lowers_the_block_error_below_round_to_nearest():
+@pytest.mark.parametrize("estimator", ["identity", "round"])
+def test_training_lowers_the_block_error_below_round_to_nearest(estimator):
     args = QuantArgs(bit=3, symmetric=False, granularity="per_group", group_size=16)
     rtn, _ = _block_error(RTN(args, None, Options()))
-    untrained, _ = _block_error(TEQ(args, None, TeqOptions(train_steps=0)))
-    trained, job = _block_error(TEQ(args, None, TeqOptions(train_steps=40, lr=0.03, warmup_ratio=0, batch_size=4)))
+    untrained, _ = _block_error(TEQ(args, None, TeqOptions(train_steps=0, estimator=estimator)))
+    trained, job = _block_error(TEQ(args, None, TeqOptions(train_steps=40, lr=0.03, warmup_ratio=0, batch_size=4,
+                                                           estimator=estimator)))
     assert untrained == pytest.approx(rtn, rel=1e-5)
     assert trained < 0.85 * rtn
     for name, q in job.block.named_modules():  # an ordinary grid: lwc gone, grid fixed

@@ -27,6 +27,7 @@ TITLE = ("SmolLM2-135M-Instruct, weight-only asym g64, calib 128 x 512 wiki.vali
          "autocast over float32 weights, learned parameters and losses float32 (auto-round on this CPU: the whole "
          "model cast to bfloat16); `bench/learned.py`")
 SIGNROUND = "configs/quantization/methods/SignRound/signround_w_only.yml"
+AWQ_SIGNROUND = "configs/quantization/combination/awq_comb_signround/w4a16g64.yml"
 EVAL = ["eval.num_samples=40", "eval.seq_len=2048", "eval.eval_pos=[fake_quant]", "eval.compute_dtype=float32",
         "calib.seed=0", "base.seed=0"]
 PEERS = ROOT.parent / "shared" / "peers"
@@ -63,6 +64,8 @@ for bit in (4, 3, 2):
     # the time left buys more iterations
     ROWS[f"SignRound W{bit} (300 iters, batch 8)"] = (SIGNROUND, [f"quant.weight.bit={bit}",
                                                                   "quant.special.iters=300"])
+    ROWS[f"AWQ -> SignRound W{bit} (200 iters, batch 8)"] = (AWQ_SIGNROUND, [f"stages.0.weight.bit={bit}",
+                                                                           f"stages.1.weight.bit={bit}"])
 
 
 def done_check(rows: dict) -> str:

@@ -4,9 +4,11 @@ packed: the quickstart's RTN W4 g64 asym written as compressed-tensors, GPTQ and
 reloaded by its client (transformers + compressed-tensors here; transformers through GPTQModel in the venv of
 tests/test_export_clients_gptqmodel.py, float16) and scored on the quickstart's 8 x 2048 windows beside the
 fake-quant model; then SGLang, LightLLM (compressed-tensors) and MLC-LLM (AutoAWQ layout) folders, and the
-GGUF file at group 32 (Q4_1, transformers' gguf reader), each on windows 0-3. tune: four W4 asym candidates (RTN g32, RTN g64, HQQ g64, GPTQ g64 with 32 x 512 calibration
-tokens) scored on the held-out windows 8-15 of wiki.test.raw; the winner reported on windows 0-7.
-The GPTQModel-venv clients take ~15 minutes per 8 windows on 2 cores (float16 CPU kernels).
+GGUF file at group 32 (Q4_1, transformers' gguf reader), each on windows 0-3. tune: four W4 asym candidates
+(RTN g32, RTN g64, HQQ g64 with float zero points (LLMC's; with integer zero points HQQ moved no zero and
+scored as RTN), GPTQ g64 with 32 x 512 calibration tokens) scored on the held-out windows 8-15 of
+wiki.test.raw; the winner reported on windows 0-7. The GPTQModel-venv clients take ~15 minutes per 8 windows
+on 2 cores (float16 CPU kernels).
 
     python bench/tune_packed.py [--redo] [--only LABEL ...]   # writes bench/results/tune_packed_smollm2.{json,md}
 """
@@ -31,7 +33,7 @@ TUNE = {
               "bs": 8},
     "eval": {"eval_pos": ["fake_quant"], "name": "wikitext2", "path": TEST, "seq_len": 2048, "num_samples": 8},
     "tune": {"candidates": [{"method": "RTN", "weight": W4(32)}, {"method": "RTN", "weight": W4(64)},
-                            {"method": "HQQ", "weight": W4(64)}, {"method": "GPTQ", "weight": W4(64)}],
+                            {"method": "HQQ", "weight": {**W4(64), "round_zp": False}}, {"method": "GPTQ", "weight": W4(64)}],
              "eval": {"name": "wikitext2", "path": TEST, "seq_len": 2048, "start": 8, "num_samples": 8}},
     "save": {"checkpoint": False},  # a tune run does not resume
 }

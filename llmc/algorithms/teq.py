@@ -10,10 +10,10 @@ through gradient. INC's fake quant is the identity backwards (`estimator: identi
 the rounding residual Q(M) - M, which on SmolLM2 left the block error where RTN's was (block 0, W3: 1.01x at
 lr 1e-3, 1.00x at 5e-3) and raised the W3 PPL from 73.2 to 92.9. The default `estimator: round` makes only
 the rounding straight-through, so the grid's range and scale follow the scales as they move (OmniQuant's
-estimator): 0.96x / 0.80x of RTN's block-0 error at the same rates, and W3 PPL 48.7. As INC: scales start at 1 (or
-1/sqrt(max|W|) per column, `sqrt_w_init`), are clipped to >= 1e-5, Adam with betas (0.9, 0.9), a linear
-schedule with warmup. INC trains the whole model on its next-token loss (`objective: lm`, 1000 steps: INC's
-train()); `objective: block` trains each block on its output error instead, like llmc's other learned
+estimator): 0.96x / 0.80x of RTN's block-0 error at the same rates, and W3 PPL 48.7. As INC: scales start at
+1 (or 1/sqrt(max|W|) per column, `sqrt_w_init`), are clipped to >= 1e-5, Adam with betas (0.9, 0.9), a
+linear schedule with warmup. INC trains the whole model on its next-token loss (`objective: lm`, 1000 steps:
+INC's train()); `objective: block` trains each block on its output error instead, like llmc's other learned
 methods (100 steps per block). With `lm` every block's scales are learned together before the blockwise
 pass, which is then round-to-nearest on the folded model. Either way the result is an ordinary grid, so
 every export writes it. Beyond INC, the subsets fed by v_proj and up_proj get scales too (INC's graph trace

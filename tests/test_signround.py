@@ -117,38 +117,9 @@ def test_zero_iterations_is_round_to_nearest_and_training_beats_it():
 LR = 0.02  # large enough that the last steps overshoot, small enough that the first ones help
 
 
-def test_the_best_iteration_is_kept(monkeypatch):
-    """With a huge lr the last steps wreck the block; the kept parameters are those of the lowest loss."""
-    losses = []
-    real = SignRound._sse
-
-    def spy(self, job, targets, picks):
-        sse, count = real(self, job, targets, picks)
-        losses.append(sse.item() / count)
-        return sse, count
-
-    monkeypatch.setattr(SignRound, "_sse", spy)
-    model = make_model("llama")
-    batches = _batches(model, 4, 2)
-    algo = SignRound(W3, None, SignRoundOptions(iters=12, lr=LR, minmax_lr=LR, batch_size=8))
-    adapter = adapter_class("llama", None)(model)
-    inputs = capture_block_inputs(model, adapter, batches, RunContext())
-    job = BlockJob(0, "model.layers.0", adapter.block_list()[0], adapter.subsets, inputs, set(), RunContext())
-    targets = job.forward()
-    algo.apply(job, targets)
-    # batch_size covers every sample: each iteration's loss is over the same data, so the kept
-    # parameters reproduce the minimum exactly
-    monkeypatch.setattr(SignRound, "_sse", real)
-    with torch.no_grad():
-        final = algo._loss(job, targets, job.samples()).item()
-    best = min(range(len(losses)), key=losses.__getitem__)
-    assert 0 < best < len(losses) - 1 and losses[best] < losses[-1]  # neither the start nor the end
-    assert final == pytest.approx(losses[best], rel=1e-5)
-
-
-
 def _losses_of_one_block(monkeypatch, options):
-    """The mini-batch loss of every iteration SignRound ran on block 0 of a tiny Llama."""
+    """The mini-batch loss of every iteration SignRound ran on block 0 of a tiny Llama, the algorithm, the
+    block's job and its float targets."""
     losses = []
     real = SignRound._sse
 
@@ -162,24 +133,39 @@ def _losses_of_one_block(monkeypatch, options):
     adapter = adapter_class("llama", None)(model)
     inputs = capture_block_inputs(model, adapter, _batches(model, 4, 2), RunContext())
     job = BlockJob(0, "model.layers.0", adapter.block_list()[0], adapter.subsets, inputs, set(), RunContext())
-    SignRound(W3, None, options).apply(job, job.forward())
-    return losses
+    algo, targets = SignRound(W3, None, options), job.forward()
+    algo.apply(job, targets)
+    return losses, algo, job, targets
+
+
+def test_the_best_iteration_is_kept(monkeypatch):
+    """With a huge lr the last steps wreck the block; the kept parameters are those of the lowest loss."""
+    losses, algo, job, targets = _losses_of_one_block(monkeypatch, SignRoundOptions(iters=12, lr=LR, minmax_lr=LR,
+                                                                                      batch_size=8))
+    # batch_size covers every sample: each iteration's loss is over the same data, so the kept
+    # parameters reproduce the minimum exactly
+    monkeypatch.undo()
+    with torch.no_grad():
+        final = algo._loss(job, targets, job.samples()).item()
+    best = min(range(len(losses)), key=losses.__getitem__)
+    assert 0 < best < len(losses) - 1 and losses[best] < losses[-1]  # neither the start nor the end
+    assert final == pytest.approx(losses[best], rel=1e-5)
 
 
 def test_dynamic_max_gap_stops_a_block_that_stopped_improving(monkeypatch):
     """auto-round's dynamic_max_gap: a block stops `gap` iterations after its last new best; with the
     last iteration kept (not_use_best_mse) there is no best to wait for and every iteration runs."""
-    full = _losses_of_one_block(monkeypatch, SignRoundOptions(iters=12, lr=LR, minmax_lr=LR, batch_size=8))
+    full, *_ = _losses_of_one_block(monkeypatch, SignRoundOptions(iters=12, lr=LR, minmax_lr=LR, batch_size=8))
     # where the rule must stop: the first iteration `gap` past the best loss seen so far
     gap = 1
     stop = next(it for it in range(len(full)) if it - min(range(it + 1), key=full.__getitem__) >= gap)
     assert stop < 11  # the trajectory has a worse step, so the gap ends the block early
     monkeypatch.undo()
-    cut = _losses_of_one_block(monkeypatch, SignRoundOptions(iters=12, lr=LR, minmax_lr=LR, batch_size=8,
+    cut, *_ = _losses_of_one_block(monkeypatch, SignRoundOptions(iters=12, lr=LR, minmax_lr=LR, batch_size=8,
                                                              dynamic_max_gap=gap))
     assert cut == pytest.approx(full[:stop + 1], rel=1e-6)  # same trajectory, ended where the rule says
     monkeypatch.undo()
-    last = _losses_of_one_block(monkeypatch, SignRoundOptions(iters=12, lr=LR, minmax_lr=LR, batch_size=8,
+    last, *_ = _losses_of_one_block(monkeypatch, SignRoundOptions(iters=12, lr=LR, minmax_lr=LR, batch_size=8,
                                                               dynamic_max_gap=gap, not_use_best_mse=True))
     assert len(last) == 12
 

@@ -34,3 +34,15 @@ def backward_mean(ctx, params: list[torch.Tensor], sse: Optional[torch.Tensor], 
         for p in params:
             p.grad = ctx.reduce(p.grad if p.grad is not None else torch.zeros_like(p))
     return value
+
+
+def token_batches(rows: list[torch.Tensor], batch_size: int, steps: int, generator: torch.Generator):
+    """`steps` batches of calibration rows for a model-level next-token loss: consecutive slices of random
+    permutations (a new one appended when fewer than batch_size remain), cut to the batch's shortest row."""
+    order: list[int] = []
+    for _ in range(steps):
+        if len(order) < batch_size:
+            order += torch.randperm(len(rows), generator=generator).tolist()
+        picked, order = order[:batch_size], order[batch_size:]
+        length = min(rows[i].numel() for i in picked)  # rows of one batch share a length
+        yield torch.stack([rows[i][:length] for i in picked])

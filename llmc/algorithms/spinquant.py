@@ -25,6 +25,7 @@ from pydantic import Field
 from torch import nn
 from tqdm import tqdm
 
+from llmc.algorithms.minibatch import token_batches
 from llmc.algorithms.quarot import Quarot, QuarotOptions, residual_readers, residual_writers, rotate_model
 from llmc.errors import ConfigError, UserError
 from llmc.models.adapter import get_module
@@ -141,14 +142,11 @@ class SpinQuant(Quarot):
         for p, _ in frozen:
             p.requires_grad_(False)
         hooks = RotationHooks(model, adapter, r, self.aargs)
-        order, losses, alphas = [], [], []
+        losses, alphas = [], []
         try:
-            for step in tqdm(range(opts.iters), desc="SpinQuant R1", unit="step"):
-                if len(order) < opts.batch_size:
-                    order += torch.randperm(len(rows), generator=gen).tolist()
-                picked, order = order[:opts.batch_size], order[opts.batch_size:]
-                length = min(rows[i].numel() for i in picked)  # rows of one batch share a length
-                ids = torch.stack([rows[i][:length] for i in picked]).to(ctx.device)
+            batches = token_batches(rows, opts.batch_size, opts.iters, gen)
+            for step, ids in enumerate(tqdm(batches, total=opts.iters, desc="SpinQuant R1", unit="step")):
+                ids = ids.to(ctx.device)
                 with ctx.autocast():
                     loss = model(input_ids=ids, labels=ids, use_cache=False).loss.float()
                 loss.backward()

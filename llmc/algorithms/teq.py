@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from llmc.algorithms.base import Algorithm, Options
 from llmc.algorithms.equivalence import fold_plan
-from llmc.algorithms.minibatch import backward_mean, sample_ids
+from llmc.algorithms.minibatch import backward_mean, sample_ids, token_batches
 from llmc.algorithms.signround import CyclicSampler
 from llmc.engine.block import BlockJob, block_output
 from llmc.errors import ConfigError, UserError
@@ -116,6 +116,11 @@ class TeqWeight(nn.Module):
 
 def _clipped(p: torch.Tensor) -> torch.Tensor:
     return p.clamp(min=MIN_SCALE)
+
+
+def _scale_range(params: list[nn.Parameter]) -> str:
+    s = torch.cat([_clipped(p.detach()).flatten() for p in params])
+    return f"scales in [{s.min().item():.4g}, {s.max().item():.4g}]"
 
 
 @ALGORITHMS.register("TEQ", "Teq")
@@ -237,9 +242,7 @@ class TEQ(Algorithm):
             for p in params:
                 p.grad = None
                 p.requires_grad_(False)
-        s = torch.cat([_clipped(p.detach()).flatten() for p in params])
-        logger.info(f"TEQ {job.name}: loss {first:.6g} at step 0 -> {last:.6g}; scales in "
-                    f"[{s.min().item():.4g}, {s.max().item():.4g}]")
+        logger.info(f"TEQ {job.name}: loss {first:.6g} at step 0 -> {last:.6g}; {_scale_range(params)}")
 
     def _schedule(self, optimizer) -> torch.optim.lr_scheduler.LambdaLR:
         opts: TeqOptions = self.options
@@ -292,14 +295,12 @@ class TEQ(Algorithm):
         optimizer = torch.optim.Adam(params, lr=opts.lr, betas=opts.betas, weight_decay=opts.weight_decay)
         schedule = self._schedule(optimizer)
         gen = torch.Generator().manual_seed(ctx.seed)
-        order, losses = [], []
+        losses = []
         try:
-            for step in tqdm(range(opts.steps), desc="TEQ scales (model loss)", unit="step"):
-                if len(order) < opts.batch_size:
-                    order += torch.randperm(len(rows), generator=gen).tolist()
-                picked, order = order[:opts.batch_size], order[opts.batch_size:]
-                length = min(rows[i].numel() for i in picked)
-                ids = torch.stack([rows[i][:length] for i in picked]).to(ctx.device)
+            batches = token_batches(rows, opts.batch_size, opts.steps, gen)
+            progress = tqdm(batches, total=opts.steps, desc="TEQ scales (model loss)", unit="step")
+            for step, ids in enumerate(progress):
+                ids = ids.to(ctx.device)
                 with ctx.autocast():
                     loss = model(input_ids=ids, labels=ids, use_cache=False).loss.float()
                 optimizer.zero_grad(set_to_none=True)
@@ -315,9 +316,7 @@ class TEQ(Algorithm):
             for p in params:
                 p.grad = None
                 p.requires_grad_(False)
-        s = torch.cat([_clipped(p.detach()).flatten() for p in params])
-        logger.info(f"TEQ: model loss {losses[0]:.4f} at step 0 -> {losses[-1]:.4f}; scales in "
-                    f"[{s.min().item():.4g}, {s.max().item():.4g}]")
+        logger.info(f"TEQ: model loss {losses[0]:.4f} at step 0 -> {losses[-1]:.4f}; {_scale_range(params)}")
         self.losses = losses
 
     def sse(self, job, targets, picks) -> tuple[torch.Tensor, int]:

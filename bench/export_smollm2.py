@@ -1,5 +1,5 @@
-"""Packed exports of SmolLM2-135M (issue: real quantized export): GPTQ W4A16 asym g64 written as AutoAWQ,
-GPTQ and compressed-tensors checkpoints, and RTN W8A8 (per-token dynamic activations) as compressed-tensors.
+"""Packed exports of SmolLM2-135M (issue: real quantized export): GPTQ and SignRound W4A16 asym g64 written as
+AutoAWQ, GPTQ and compressed-tensors checkpoints, and RTN W8A8 (per-token dynamic activations) as compressed-tensors.
 
 For each checkpoint: unpack it with the format's documented layout (the unpackers of
 tests/test_export_packed.py, independent of llmc's packers) and compare with the fake-quant weights bit
@@ -35,6 +35,12 @@ RUNS = {
     "GPTQ W4A16 g64 asym": ("configs/quantization/methods/GPTQ/gptq_w_only.yml",
                             ["save.save_fake=True", "save.save_autoawq=True", "save.save_gptq=True",
                              "save.save_vllm=True"]),
+    # learned rounding leaves an ordinary grid: the same three packed formats, checked the same way (50 of the
+    # 200 iterations: what is checked is the export of what SignRound learns, not its accuracy)
+    "SignRound W4A16 g64 asym (50 iters)": ("configs/quantization/methods/SignRound/signround_w_only.yml",
+                                            ["quant.special.iters=50", "save.save_fake=True",
+                                             "save.save_autoawq=True", "save.save_gptq=True",
+                                             "save.save_vllm=True"]),
     "RTN W8A8 (per-token dynamic)": ("configs/quantization/methods/RTN/rtn_w_a.yml",
                                      ["save.save_fake=True", "save.save_vllm=True"]),
     "RTN FP8 W8A8 (e4m3 per-channel, per-token dynamic)": ("configs/quantization/methods/RTN/rtn_w_a.yml", FP8 + [

@@ -23,7 +23,7 @@ _eval_ppl, _write_json = common.eval_ppl, common.write_json
 _extra: dict = {}
 
 
-def eval_both(model, ids, **kw):
+def eval_float32(model, ids, **kw):
     import torch
 
     dtype = next(model.parameters()).dtype
@@ -42,6 +42,6 @@ def write_with_float32(path, obj):
     _write_json(path, {**obj, **_extra})
 
 
-common.eval_ppl, common.write_json = eval_both, write_with_float32
+common.eval_ppl, common.write_json = eval_float32, write_with_float32
 sys.argv = [str(PEERS / "run_autoround.py"), *sys.argv[1:]]
 runpy.run_path(str(PEERS / "run_autoround.py"), run_name="__main__")

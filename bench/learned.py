@@ -80,8 +80,10 @@ def done_check(rows: dict) -> str:
         # the time target holds for a SignRound row no worse than the peer, measured on the peer's machine
         signround = {k: r for k, r in ours.items() if k.startswith("SignRound") and r["ppl"] <= ref}
         fastest = min(signround, key=lambda k: signround[k]["quantize_s"]) if signround else None
-        if peer is None or fastest is None:
+        if peer is None or not any(k.startswith("SignRound") for k in ours):
             time_verdict = "pending"
+        elif fastest is None:
+            time_verdict = "not met: no SignRound row at or below the peer's PPL"
         elif rows[fastest]["machine"] != peer["machine"]:
             time_verdict = f"pending ({fastest} ran on another machine)"
         else:

@@ -7,6 +7,8 @@ bfloat16-rounded fake-quant weights, where the protocol scores in float32. This 
 cast to float32 (the same bfloat16 weights, float32 compute: `ppl_float32`, with `returned_dtype`, in the
 script's result JSON). With AUTOROUND_SCORE_AS_RETURNED=1 it also scores it as returned (the script's own
 `ppl_inmem`); otherwise `ppl_inmem` is the float32 score, which saves one 40-window eval (minutes) per row.
+AUTOROUND_SEED=N passes seed=N to AutoRound in place of the script's 0 (its mini-batch order; the calibration
+samples stay the script's), for a seed sweep beside llmc's `base.seed`.
 """
 from __future__ import annotations
 
@@ -43,5 +45,15 @@ def write_with_float32(path, obj):
 
 
 common.eval_ppl, common.write_json = eval_float32, write_with_float32
+if os.environ.get("AUTOROUND_SEED"):
+    import auto_round
+
+    _AutoRound, _seed = auto_round.AutoRound, int(os.environ["AUTOROUND_SEED"])
+
+    def seeded(*args, **kwargs):
+        _extra["seed"] = _seed
+        return _AutoRound(*args, **{**kwargs, "seed": _seed})
+
+    auto_round.AutoRound = seeded  # run_autoround.py imports the name from the module after this
 sys.argv = [str(PEERS / "run_autoround.py"), *sys.argv[1:]]
 runpy.run_path(str(PEERS / "run_autoround.py"), run_name="__main__")

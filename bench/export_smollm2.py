@@ -10,7 +10,7 @@ GPTQModel venv of tests/test_export_clients_gptqmodel.py exists, GPTQModel loads
 (its CPU kernels, bfloat16 as it picks on CPU): the weights it computes with, in quantization steps from the
 fake-quant ones, its logits on the first window and its PPL on the 40.
 
-    python bench/export_smollm2.py [--redo]   # writes bench/results/export_smollm2.{json,md}
+    python bench/export_smollm2.py [--redo] [--only LABEL ...]   # writes bench/results/export_smollm2.{json,md}
 """
 from __future__ import annotations
 
@@ -228,11 +228,15 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--redo", action="store_true")
+    parser.add_argument("--only", nargs="*", help="rerun these rows (e.g. once the GPTQModel venv exists)")
     a = parser.parse_args()
+    unknown = sorted(set(a.only or []) - set(RUNS))
+    if unknown:
+        raise SystemExit(f"--only: unknown row label(s) {unknown}; expected some of {list(RUNS)}")
     path = RESULTS / f"{NAME}.json"
     rows = json.loads(path.read_text()) if path.exists() and not a.redo else {}
     for label, (config, overrides) in RUNS.items():
-        if label in rows:
+        if (a.only and label not in a.only) or (label in rows and not a.only):
             continue
         with tempfile.TemporaryDirectory() as tmp:
             rows[label] = measure(label, config, overrides, Path(tmp))

@@ -41,9 +41,13 @@ OWQ_OUTS = [4, 4, 4, 4, 4, 4, 8]  # the shipped OWQ config's n_outs (q, k, v, o,
 ROWS = {
     "FP": (RTN, ["eval.eval_pos=[pretrain]"], None),
     "RTN W4": (RTN, [], (4, False, None)),
+    # HQQ's own baseline: the same min/max grid with its exact (float) zero point, before any HQQ step; zero
+    # is then off the grid, which costs this model more at 3 bits than the range fit gains
+    "RTN W4 (float zero points)": (RTN, ["quant.weight.round_zp=False"], (4, True, None)),
     "HQQ W4 (float zero points)": (HQQ, [], (4, True, None)),
     "HQQ W4 (round_zp: True)": (HQQ, ["quant.weight.round_zp=True"], (4, False, None)),
     "RTN W3": (RTN, ["quant.weight.bit=3"], (3, False, None)),
+    "RTN W3 (float zero points)": (RTN, ["quant.weight.bit=3", "quant.weight.round_zp=False"], (3, True, None)),
     "HQQ W3 (float zero points)": (HQQ, ["quant.weight.bit=3"], (3, True, None)),
     # OWQ against the same GPTQ (no act order, min/max groups): n_outs 0 keeps no column float
     "GPTQ W4 (OWQ's settings, n_outs 0)": (OWQ, ["quant.special.n_outs=0"], (4, False, None)),

@@ -157,12 +157,17 @@ def run_row(spec, common: list[str], work: Path) -> dict:
             "overrides": [o for step in steps for o in step[1]]}
 
 
+def check_only(only: list[str] | None, labels) -> None:
+    """Refuse --only labels that name no row, before anything runs."""
+    unknown = sorted(set(only or []) - set(labels))
+    if unknown:
+        raise SystemExit(f"--only: unknown row label(s) {unknown}; expected some of {list(labels)}")
+
+
 def run_table(name: str, title: str, rows_spec: dict, common: list[str], redo: bool = False,
               only: list[str] | None = None) -> dict:
     """Run every row not yet in bench/results/NAME.json (all with redo; the exact labels in only), saving after each."""
-    unknown = sorted(set(only or []) - set(rows_spec))
-    if unknown:
-        raise SystemExit(f"--only: unknown row label(s) {unknown}; expected some of {list(rows_spec)}")
+    check_only(only, rows_spec)
     rows = load_rows(name)
     for label, spec in rows_spec.items():
         if only and label not in only:

@@ -25,7 +25,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from common import DATA, RESULTS, markdown, run_llmc  # noqa: E402
+from common import DATA, RESULTS, check_only, markdown, run_llmc  # noqa: E402
 
 NAME = "export_smollm2"
 EVAL = ["eval.num_samples=40", "eval.seq_len=2048", "eval.eval_pos=[fake_quant]", "eval.compute_dtype=float32"]
@@ -230,9 +230,7 @@ if __name__ == "__main__":
     parser.add_argument("--redo", action="store_true")
     parser.add_argument("--only", nargs="*", help="rerun these rows (e.g. once the GPTQModel venv exists)")
     a = parser.parse_args()
-    unknown = sorted(set(a.only or []) - set(RUNS))
-    if unknown:
-        raise SystemExit(f"--only: unknown row label(s) {unknown}; expected some of {list(RUNS)}")
+    check_only(a.only, RUNS)
     path = RESULTS / f"{NAME}.json"
     rows = json.loads(path.read_text()) if path.exists() and not a.redo else {}
     for label, (config, overrides) in RUNS.items():

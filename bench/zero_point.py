@@ -4,7 +4,7 @@ time, PPL on the first WINDOWS x 2048 windows of wiki.test.raw; (2) per v_proj, 
 largest mean |x| over one 512-token window, the share of its weights that round to exactly 0 and the error of
 that weight column, with either zero point. The weights are llmc's own quantizer's (`quant_dequant`).
 
-    python bench/zero_point.py [--bit 3] [--windows 2]      # prints two tables; about 3 minutes on 2 cores
+    python bench/zero_point.py [--bit 3] [--windows 2]      # prints two tables; about 5 minutes on 2 cores
 """
 from __future__ import annotations
 

@@ -114,6 +114,16 @@ def test_zero_iterations_is_round_to_nearest_and_training_beats_it():
         assert codes.min() >= -4 and codes.max() <= 3
 
 
+def test_mse_ranges_start_from_rtns_mse_grid():
+    """weight calib_algo: mse is honoured: the untrained grid is RTN's mse-searched one, not the min/max one."""
+    w3_mse = QuantArgs(bit=3, symmetric=False, granularity="per_group", group_size=16, calib_algo="mse")
+    rtn_minmax, _ = _logit_error(RTN(W3, None, Options()))
+    rtn_mse, _ = _logit_error(RTN(w3_mse, None, Options()))
+    untrained, _ = _logit_error(SignRound(w3_mse, None, SignRoundOptions(iters=0)))
+    assert rtn_mse != pytest.approx(rtn_minmax, rel=1e-3)
+    assert untrained == pytest.approx(rtn_mse, rel=1e-6)
+
+
 LR = 0.02  # large enough that the last steps overshoot, small enough that the first ones help
 
 

@@ -23,6 +23,7 @@ from torch import nn
 from llmc.algorithms.base import Algorithm, Options
 from llmc.algorithms.minibatch import backward_mean, sample_ids
 from llmc.errors import ConfigError
+from llmc.quant.learnable import mse_range
 from llmc.quant.quantizer import QuantArgs, dequantize, grouped, qparams_from_range, quant_dequant, row_range
 from llmc.registry import ALGORITHMS
 
@@ -41,12 +42,15 @@ class SignRoundOptions(Options):
 
 class LearnedRounding(nn.Module):
     """One linear's SignRound parameters over grouped(weight): v per weight, min/max factors per row of
-    the grid. The grid is qparams_from_range(min·f_min, max·f_max); codes are round(w/s + v) + z."""
+    the grid. The grid is qparams_from_range(min·f_min, max·f_max); codes are round(w/s + v) + z. min/max
+    are the row's range, or with weight `calib_algo: mse` the range the mse search shrinks it to (so the
+    untrained grid is RTN's with the same setting)."""
 
     def __init__(self, weight: torch.Tensor, args: QuantArgs, tune_minmax: bool):
         super().__init__()
         self.args = replace(args, ste=True)
-        wmin, wmax = row_range(grouped(weight.detach(), self.args).float())
+        wg = grouped(weight.detach(), self.args).float()
+        wmin, wmax = mse_range(wg, self.args) if args.calib_algo == "mse" else row_range(wg)
         self.register_buffer("wmin", wmin)
         self.register_buffer("wmax", wmax)
         self.v = nn.Parameter(torch.zeros(grouped(weight, self.args).shape, device=weight.device))

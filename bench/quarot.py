@@ -48,6 +48,9 @@ ROWS = {
     "W6A6 QuaRot+GPTQ": [(STEP1, ["quant.weight.bit=6", "quant.act.bit=6"]),
                          (STEP2, FROM_STEP1 + ["quant.weight.bit=6", "quant.act.bit=6"])],
     "W8A8 QuaRot+RTN": (STEP1, ["quant.weight.bit=8", "quant.act.bit=8"]),
+    # bench/weight_act.py's scheme (symmetric weights and activations) for its W6A6 rows
+    "W6A6 QuaRot+RTN, symmetric": (STEP1, ["quant.weight.bit=6", "quant.act.bit=6", "quant.weight.symmetric=True",
+                                          "quant.act.symmetric=True"]),
     # SpinQuant's learned R1 (30 Cayley steps of one 512-token sample, bfloat16 forwards) against QuaRot's
     # Hadamard, RTN weights both
     "W4A4 SpinQuant+RTN (30 steps)": (SPIN, ["quant.special.iters=30", "model.compute_dtype=bfloat16"]),

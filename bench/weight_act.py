@@ -40,6 +40,9 @@ ROWS = {
     "SmoothQuant W6A6 (alpha search, all subsets)": (SQ_SEARCH, bits(6)),
     "OsPlus W6A6": (OSP, bits(6)),
     "PSS W6A6 (3 pieces, all subsets)": (PSS, bits(6)),
+    # LLMC's OS+ transforms the subsets behind a norm only; smooth_all adds v -> o and up -> down, as the
+    # SmoothQuant search and PSS rows do
+    "OsPlus W6A6 (all subsets)": (OSP, bits(6) + ["quant.special.smooth_all=True"]),
     "RTN W4A4": (RTN, bits(4)),
     "SmoothQuant W4A4 (alpha 0.8)": (SQ, bits(4)),
     "SmoothQuant W4A4 (alpha search, all subsets)": (SQ_SEARCH, bits(4)),

@@ -23,8 +23,8 @@ from torch import nn
 from llmc.algorithms.base import Algorithm, Options
 from llmc.algorithms.minibatch import backward_mean, sample_ids
 from llmc.errors import ConfigError
-from llmc.quant.learnable import mse_range
-from llmc.quant.quantizer import QuantArgs, dequantize, grouped, qparams_from_range, quant_dequant, row_range
+from llmc.quant.learnable import start_range
+from llmc.quant.quantizer import QuantArgs, dequantize, grouped, qparams_from_range, quant_dequant
 from llmc.registry import ALGORITHMS
 
 
@@ -50,10 +50,10 @@ class LearnedRounding(nn.Module):
         super().__init__()
         self.args = replace(args, ste=True)
         wg = grouped(weight.detach(), self.args).float()
-        wmin, wmax = mse_range(wg, self.args) if args.calib_algo == "mse" else row_range(wg)
+        wmin, wmax = start_range(wg, self.args)
         self.register_buffer("wmin", wmin)
         self.register_buffer("wmax", wmax)
-        self.v = nn.Parameter(torch.zeros(grouped(weight, self.args).shape, device=weight.device))
+        self.v = nn.Parameter(torch.zeros(wg.shape, device=weight.device))
         self.min_scale = nn.Parameter(torch.ones_like(wmin), requires_grad=tune_minmax)
         self.max_scale = nn.Parameter(torch.ones_like(wmax), requires_grad=tune_minmax)
 

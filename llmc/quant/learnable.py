@@ -63,8 +63,7 @@ class LearnableClip(nn.Module):
     def from_range(cls, weight: torch.Tensor, args: QuantArgs) -> "LearnableClip":
         """Starts where the quantizer's own calibration puts the grid: the mse-searched range
         (`calib_algo: mse`) or the full range."""
-        wg = grouped(weight.detach(), args).float()
-        return cls(weight, args, *(mse_range(wg, args) if args.calib_algo == "mse" else row_range(wg)))
+        return cls(weight, args, *start_range(grouped(weight.detach(), args).float(), args))
 
     def bounds(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         wmin, wmax = row_range(grouped(weight, self.args).float())
@@ -93,6 +92,11 @@ def _capped(bound: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """The bound kept between 0 and w (a factor in [0, 1]); the gradient passes straight through."""
     over = bound - torch.minimum(torch.maximum(bound, w.clamp(max=0)), w.clamp(min=0))
     return bound - over.detach()
+
+
+def start_range(wg: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the range the quantizer's own calibration puts the grid on: mse-searched or min/max."""
+    return mse_range(wg, args) if args.calib_algo == "mse" else row_range(wg)
 
 
 @torch.no_grad()

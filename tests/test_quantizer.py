@@ -276,7 +276,9 @@ def test_mse_tries_the_reference_candidates(monkeypatch):
     x[0, 0] = 1.0  # row 0's max: the recorded value is p itself
     calibrate(x, QuantArgs(bit=4, granularity="per_channel", calib_algo="mse", maxshrink=0.8, mse_grid=100))
     reference = [1 - i / 100 for i in range(int(0.8 * 100))]
-    assert seen == pytest.approx(reference, abs=1e-7)
+    # the candidates in order, then the grid of the chosen one
+    assert seen[:-1] == pytest.approx(reference, abs=1e-7)
+    assert min(abs(seen[-1] - p) for p in reference) < 1e-7
 
 
 @pytest.mark.parametrize("bit,symmetric,deep", [(2, False, True), (3, True, True), (4, False, False)])
@@ -321,3 +323,24 @@ def test_mse_b_num_chunks_rows_with_the_same_result(monkeypatch):
     three = calibrate(grouped(w, chunked), chunked)
     assert max(rows_seen) == 27 and sorted(set(rows_seen)) == [26, 27]
     assert torch.equal(one[0], three[0]) and torch.equal(one[1], three[1])
+
+
+def test_mse_search_of_a_large_weight_picks_each_rows_least_error_range():
+    """A weight over one search chunk (2^17 values) is searched a chunk of rows at a time in place; every
+    row still gets the first candidate with the least float32 error, computed here candidate by candidate."""
+    w = _heavy_tailed_rows(2, rows=2200, cols=64)
+    args = QuantArgs(bit=3, symmetric=False, granularity="per_group", group_size=64, calib_algo="mse")
+    scale, zero = calibrate(grouped(w, args), args)
+    lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
+    errs, grids = [], []
+    for i in range(80):
+        p = 1 - i / 100
+        s = ((p * hi).clamp(min=0) - (p * lo).clamp(max=0)) / 7
+        z = torch.clamp(torch.round(-4 - (p * lo).clamp(max=0) / s), -4, 3)
+        fq = (torch.clamp(torch.round(w / s) + z, -4, 3) - z) * s
+        errs.append((fq - w).abs().pow(2.4).sum(1))
+        grids.append((s, z))
+    best = torch.stack(errs, 1).argmin(1)  # first of equal minima
+    want_scale = torch.stack([grids[b][0][r] for r, b in enumerate(best.tolist())])
+    want_zero = torch.stack([grids[b][1][r] for r, b in enumerate(best.tolist())])
+    assert torch.equal(scale, want_scale) and torch.equal(zero, want_zero)

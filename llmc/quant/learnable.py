@@ -14,8 +14,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from llmc.quant.quantizer import (QuantArgs, dequantize, grouped, mse_shrinks, qparams_from_range, quant_dequant,
-                                  quantize, row_range)
+from llmc.quant.quantizer import QuantArgs, grouped, mse_range, qparams_from_range, quant_dequant, row_range
 
 LWC_INIT = 4.0  # OmniQuant's initial logit: from scratch, bounds start at sigmoid(4) ≈ 0.982 of each row's min/max
 _LOGIT_MIN = -16.0  # a start at factor 0 (a bound of 0) keeps a finite logit
@@ -97,27 +96,6 @@ def _capped(bound: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def start_range(wg: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row, the range the quantizer's own calibration puts the grid on: mse-searched or min/max."""
     return mse_range(wg, args) if args.calib_algo == "mse" else row_range(wg)
-
-
-@torch.no_grad()
-def mse_range(wg: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
-    """The range [p·min, p·max] per row that `mse_qparams` chooses (its candidates, error and ties), so
-    LWC can start from it: qparams_from_range of it is mse_qparams' (scale, zero)."""
-    xf = wg.float()
-    xmin, xmax = row_range(xf)
-    best_lo = best_hi = best_err = None
-    for p in mse_shrinks(args):
-        lo, hi = p * xmin, p * xmax
-        scale, zero = qparams_from_range(lo, hi, args)
-        err = (dequantize(quantize(xf, scale, zero, args), scale, zero) - xf).abs().pow(args.mse_norm)
-        err = err.sum(dim=-1, keepdim=True)
-        if best_err is None:
-            best_lo, best_hi, best_err = lo, hi, err
-            continue
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_lo, best_hi = torch.where(better, lo, best_lo), torch.where(better, hi, best_hi)
-    return best_lo, best_hi
 
 
 # ---- LET parametrizations --------------------------------------------------------------------------

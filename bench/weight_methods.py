@@ -35,6 +35,9 @@ SPQR = "configs/quantization/methods/SpQR/spqr_w_only.yml"
 # forwards, minmax ranges, quantized inputs to the next block (quant_out)
 SPQR_GPTQ = ["model.compute_dtype=float32", "quant.weight.calib_algo=minmax", "quant.special.actorder=True",
              "quant.special.static_groups=False", "quant.special.percdamp=1", "quant.quant_out=True"]
+AUTO_MIX = "configs/quantization/methods/MixPrecision/gptq_auto_mix_bits.yml"
+HAND_MIX = ("quant.mix_bits={setting_0: {layer_name: [self_attn, down_proj], weight: {bit: 4, symmetric: False, "
+            "granularity: per_group, group_size: 64, calib_algo: mse}}}")
 OWQ_OUTS = [4, 4, 4, 4, 4, 4, 8]  # the shipped OWQ config's n_outs (q, k, v, o, gate, up, down)
 # row: (config, overrides, bits per weight as (code bits, float zero points, n_outs or None), or "measured": the
 # run's own count); FP is 16 bits
@@ -70,6 +73,14 @@ ROWS = {
     "GPTQ W5 g96 (SpQR's solver settings)": (GPTQ, SPQR_GPTQ + ["quant.weight.bit=5", "quant.weight.group_size=96"],
                                               "measured"),
     "SpQR W4 (g16, 3-bit statistics, outliers)": (SPQR, [], "measured"),
+    # 3- and 4-bit linears at 3.8 bits per weight, beside the uniform GPTQ W3/W4 rows above (same settings): the
+    # widths chosen from the data (quant.auto_mix_bits, output error per bit on 32 samples) against a hand
+    # choice of the same size, attention and down_proj at 4 bits (half the weights: 3.805), the linears
+    # llama.cpp's 3-bit K-quant mixes favour
+    "GPTQ 3/4-bit by output error per bit (auto_mix_bits 3.8), float32": (AUTO_MIX, ["model.compute_dtype=float32"],
+                                                                          "measured"),
+    "GPTQ 3/4-bit, attention and down_proj at 4, float32": (GPTQ, ["model.compute_dtype=float32", "quant.weight.bit=3",
+                                                                   HAND_MIX], "measured"),
 }
 
 # SmolLM2-135M's decoder linears, (out, in) in the adapter's order: q, k, v, o, gate, up, down (30 blocks alike)

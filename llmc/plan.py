@@ -66,6 +66,10 @@ def plan(config: Config, ignored_names) -> str:
                      + (f", kv cache {_describe_kv(stage.quant.kvcache)}" if stage.quant.kvcache else "")
                      + f", quant_out {cls.quant_out(stage.quant)}")
         lines += _mix_bits_lines(stage, adapter)
+        auto = stage.quant.auto_mix_bits
+        if auto is not None:
+            lines.append(f"  auto_mix_bits: each linear {' or '.join(map(str, auto.options))} bits, {auto.avg_bits} bits per "
+                         f"weight on average, chosen per block on {auto.n_samples or 'all'} calibration samples")
     block_params = max(sum(p.numel() for p in b.parameters()) for b in blocks)
     layouts: dict[tuple, list[int]] = {}  # blocks with the same subsets (MoE models mix dense and expert blocks)
     for i in range(len(blocks)):

@@ -12,10 +12,12 @@ import torch
 from loguru import logger
 
 from llmc.config import mix_bits
+from llmc.config.auto_mix_bits import quantized_shapes
 from llmc.config.checks import algorithm_options, check_against_model
 from llmc.config.schema import Config
 from llmc.data import batch_samples, load_calib_samples, load_eval_text
 from llmc.engine import distributed
+from llmc.engine.bit_budget import BitBudget
 from llmc.engine.checkpoint import FOLDER as CHECKPOINT_FOLDER
 from llmc.engine.checkpoint import Checkpoint, config_fingerprint, data_fingerprint, model_fingerprint
 from llmc.engine.context import RunContext
@@ -183,7 +185,7 @@ def calibration_batches(config: Config, stages: list[Config], tokenizer, ctx) ->
         algo_cls, options = algorithm_options(stage)
         wargs, aargs = QuantArgs.from_cfg(stage.quant.weight), QuantArgs.from_cfg(stage.quant.act)
         kv_static = stage.quant.kvcache is not None and stage.quant.kvcache.static
-        if algo_cls.needs_calibration(wargs, aargs, options) or kv_static:
+        if algo_cls.needs_calibration(wargs, aargs, options) or kv_static or stage.quant.auto_mix_bits:
             bs = parallel_batch_size(stage, ctx.shard.world)
             if bs != stage.calib.bs:
                 logger.info(f"calib.bs {stage.calib.bs} with {ctx.shard.world} processes: {algo_cls.name} sums its "
@@ -362,12 +364,15 @@ def run_stage(stage: Config, model, adapter, tokenizer, ctx, batches: list, hand
         else:
             algorithm.loaded[kind], header = load_state(path, kind, model)
             logger.info(f"loaded {len(algorithm.loaded[kind])} {kind} from {path} ({header.get('method')})")
-    if not algo_cls.needs_calibration(wargs, aargs, options):
+    auto = stage.quant.auto_mix_bits  # per-block widths measured on the calibration data
+    if auto is not None:
+        algorithm.bit_budget = BitBudget(auto, wargs, aargs, quantized_shapes(adapter, ignored))
+    if not (algo_cls.needs_calibration(wargs, aargs, options) or auto):
         batches = []
     local, token_index = distributed.shard_batches(batches, ctx.shard) if ctx.world_size > 1 else (batches, None)
     with ctx.timed("quantize"):
         algorithm.prepare_model(model, adapter, ctx, local)
-        inputs = (local or None) if algo_cls.needs_block_inputs(wargs, aargs, options) else None
+        inputs = (local or None) if auto or algo_cls.needs_block_inputs(wargs, aargs, options) else None
         state = quantize_blocks(model, adapter, algorithm, inputs, ignored, ctx, algo_cls.quant_out(stage.quant), ckpt,
                                 index, token_index, stage.calib.calibrate_all_experts if stage.calib else True)
     for kind, path in options.outputs().items() if ctx.is_main else ():

@@ -29,6 +29,9 @@ CASES = {
                    "special": {"lwc": True, "let": True, "epochs": 1}}, 0.999),
     # the same global mini-batches on both processes, each taking the samples it holds
     "SignRound": ({"method": "SignRound", "weight": W3, "special": {"iters": 4, "batch_size": 3}}, 0.999),
+    # each process measures the output errors on its samples; summed, every process picks the same widths
+    "GPTQ auto_mix_bits": ({"method": "GPTQ", "weight": W3, "special": {"actorder": True, "static_groups": True},
+                            "auto_mix_bits": {"avg_bits": 3.3, "options": [2, 3, 4]}}, 0.999),
     "TesseraQ": ({"method": "TesseraQ", "weight": W3, "quant_out": True,
                   "special": {"iterations": 3, "batch_size": 3, "thresholds": [0.5, 0.1], "lr": 0.005}}, 0.999),
 }

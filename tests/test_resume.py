@@ -95,8 +95,12 @@ def _assert_same(a: Path, b: Path) -> None:
     assert _ppl(a) == _ppl(b)
 
 
-@pytest.mark.parametrize("quant,stage,block", [(GPTQ, 0, 1), (OMNI, 0, 0), (AWQ_THEN_OMNI, 1, 1)],
-                         ids=["gptq", "omniquant", "awq-then-omniquant"])
+# auto_mix_bits: the budget left after the replayed blocks is what the uninterrupted run had there
+GPTQ_AUTO = {**GPTQ, "auto_mix_bits": {"avg_bits": 3.2, "options": [2, 4]}}
+
+
+@pytest.mark.parametrize("quant,stage,block", [(GPTQ, 0, 1), (OMNI, 0, 0), (AWQ_THEN_OMNI, 1, 1), (GPTQ_AUTO, 0, 0)],
+                         ids=["gptq", "omniquant", "awq-then-omniquant", "gptq-auto-mix-bits"])
 def test_killed_run_resumes_to_the_same_result(make_config, wiki_files, tmp_path, monkeypatch, quant, stage, block):
     full = _config(make_config, wiki_files, tmp_path, "full.yml", quant, tmp_path / "full")
     assert main(["--config", full]) == 0

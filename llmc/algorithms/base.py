@@ -70,6 +70,7 @@ class Algorithm:
         # (weight, act) settings of linears that quant.mix_bits sets apart, by full name (llmc/config/mix_bits.py)
         self.layer_args: dict[str, tuple[Optional[QuantArgs], Optional[QuantArgs]]] = {}
         self.ignored: set[str] = set()  # full names of the linears that stay float (set by the run)
+        self.bit_budget = None  # quant.auto_mix_bits' per-block width choice (llmc/engine/bit_budget.py)
 
     @classmethod
     def needs_calibration(cls, wargs: Optional[QuantArgs], aargs: Optional[QuantArgs], options: Options) -> bool:

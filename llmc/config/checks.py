@@ -135,6 +135,9 @@ def check_quant(config: Config, available: set[str] = frozenset()) -> set[str]:
     from llmc.config.mix_bits import check_mix_bits
 
     check_mix_bits(config, cls)
+    from llmc.config.auto_mix_bits import check_auto_mix_bits
+
+    check_auto_mix_bits(config, cls)
     from llmc.export.state import state_file
 
     for kind, path in options.inputs().items():
@@ -288,6 +291,9 @@ def check_against_model(config: Config, adapter) -> None:
     from llmc.config.mix_bits import check_mix_bits_model
 
     check_mix_bits_model(config, adapter)
+    from llmc.config.auto_mix_bits import check_auto_mix_bits_model
+
+    check_auto_mix_bits_model(config, adapter)
 
 
 def _check_gates(config: Config, adapter) -> None:

@@ -10,6 +10,7 @@ from typing import Any, Literal, Optional, Union
 from loguru import logger
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
+from llmc.config.auto_mix_bits import AutoMixBitsCfg
 from llmc.config.mix_bits import MixBitsSetting
 from llmc.config.quant_spec import KVCacheCfg, QuantSpecCfg, quant_type_of  # noqa: F401  (re-exported)
 from llmc.quant.formats import FIXED_GROUP
@@ -168,6 +169,8 @@ class QuantCfg(Section):
     quantize_gates: list[str] = []
     # LLMC's per-layer settings by layer-name pattern (llmc/config/mix_bits.py)
     mix_bits: dict[str, MixBitsSetting] = {}
+    # per-linear widths chosen from the data under an average budget (llmc/config/auto_mix_bits.py)
+    auto_mix_bits: Optional[AutoMixBitsCfg] = None
 
     @field_validator("special", mode="before")
     @classmethod

@@ -77,6 +77,8 @@ def _quantize_blocks(model, adapter, algorithm, batches, ignored, ctx, quant_out
                 state, earlier = stream["state"], stream.get("seconds", 0.0)
                 ctx.timings["quantize, before resuming"] = ctx.timings.get("quantize, before resuming", 0.0) + earlier
         else:
+            if algorithm.bit_budget is not None:
+                algorithm.layer_args.update(algorithm.bit_budget.allocate(job))
             for kind, entries in (algorithm.apply(job, targets) or {}).items():
                 state.setdefault(kind, {}).update(entries)
             if algorithm.keeps_float:  # its only weight changes are folds: the whole block must still agree
@@ -86,6 +88,8 @@ def _quantize_blocks(model, adapter, algorithm, batches, ignored, ctx, quant_out
                 logger.info(f"{name}: routers quantized (quant.quantize_gates): {', '.join(gates)}")
             check_module_finite(job.block, name, f"{algorithm.name} produced it on this block")
             job.float_check = None
+        if algorithm.bit_budget is not None:
+            algorithm.bit_budget.account(job)
         if inputs is not None:
             inputs.hidden = job.forward() if quant_out else targets
             if quant_out and algorithm.needs_targets:
@@ -94,6 +98,8 @@ def _quantize_blocks(model, adapter, algorithm, batches, ignored, ctx, quant_out
             checkpoint.block_done(stage, i, block, {"state": state, "seconds": earlier + time.perf_counter() - started})
         blocks[i] = ctx.offload(block, changed=True)
     logger.info(f"{algorithm.name}: {len(blocks)} blocks done")
+    if algorithm.bit_budget is not None:
+        logger.info(algorithm.bit_budget.summary())
     return state
 
 

@@ -24,6 +24,21 @@ def element_bits(args: QuantArgs) -> int:
     return int(args.bit)
 
 
+def grid_bits(a: QuantArgs, weights: int, groups: int) -> int:
+    """Codes, and each group's scale and zero point."""
+    scale_bits = 8 if a.quant_type in ("nvfp4", "mxfp4") else 16
+    zero_bits = 0 if a.symmetric or a.is_float else (element_bits(a) if a.round_zp else 16)
+    return weights * element_bits(a) + groups * (scale_bits + zero_bits)
+
+
+def planned_bits(a: QuantArgs, out_features: int, in_features: int) -> int:
+    """What a linear of this shape will take on grid `a`, before it is quantized."""
+    groups = {"per_tensor": 1, "per_channel": out_features,
+              "per_group": out_features * (in_features // max(a.group_size, 1)),
+              "per_block": -(-out_features // (a.block_size or 1)) * (in_features // (a.block_size or 1))}
+    return grid_bits(a, out_features * in_features, groups[a.granularity])
+
+
 def linear_bits(q: QuantLinear) -> int:
     """Bits one quantized linear takes stored."""
     n = q.in_features * q.out_features
@@ -34,10 +49,7 @@ def linear_bits(q: QuantLinear) -> int:
     a = q.wargs
     if q.w_scale is None:
         q.set_weight_qparams()
-    groups = q.w_scale.numel()
-    scale_bits = 8 if a.quant_type in ("nvfp4", "mxfp4") else 16
-    zero_bits = 0 if a.symmetric or a.is_float else (element_bits(a) if a.round_zp else 16)
-    bits = n * element_bits(a) + groups * (scale_bits + zero_bits)
+    bits = grid_bits(a, n, q.w_scale.numel())
     cols = q.w_float_cols
     if cols is not None:
         kept = int(cols.sum()) if cols.dim() == 2 else len(cols) * q.out_features

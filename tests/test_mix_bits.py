@@ -36,7 +36,8 @@ MIX = {
 
 
 @pytest.mark.parametrize("method, special", [("RTN", {}), ("GPTQ", {"actorder": True, "static_groups": True}),
-                                             ("Awq", {"trans": True, "trans_version": "v2", "weight_clip": True})])
+                                             ("Awq", {"trans": True, "trans_version": "v2", "weight_clip": True}),
+                                             ("SignRound", {"iters": 3, "batch_size": 4})])
 def test_each_linear_ends_on_its_settings_grid(make_config, wiki_files, tmp_path, tiny_dir, method, special):
     from transformers import AutoModelForCausalLM
 

@@ -131,6 +131,7 @@ class SignRound(Algorithm):
     Options = SignRoundOptions
     data_driven = True
     needs_targets = True
+    mixes_bits = True  # every linear learns its rounding on its own grid
 
     @classmethod
     def check(cls, config) -> None:
@@ -168,7 +169,7 @@ class SignRound(Algorithm):
         for p in job.block.parameters():
             p.requires_grad_(False)
         for q in qlinears.values():
-            q.lwc = LearnedRounding(q.weight, self.wargs, opts.enable_minmax_tuning)
+            q.lwc = LearnedRounding(q.weight, q.wargs, opts.enable_minmax_tuning)  # mix_bits: its own grid
         if opts.iters > 0:
             self._train(job, targets, qlinears)
         for q in qlinears.values():

@@ -46,8 +46,10 @@ def check_auto_mix_bits(config, algo_cls) -> None:
         raise ConfigError("quant.auto_mix_bits", "set together with quant.mix_bits: choose the layers' widths by "
                           "name (mix_bits) or from the data (auto_mix_bits), not both")
     if not algo_cls.mixes_bits:
+        from llmc.config.mix_bits import mixing_methods
+
         raise ConfigError("quant.auto_mix_bits", f"with {algo_cls.name}: its search uses one grid for the whole block; "
-                          "auto_mix_bits is available with RTN, GPTQ, SpQR, AWQ, HQQ and AdaDim")
+                          f"auto_mix_bits is available with {', '.join(mixing_methods())}")
     if q.weight is None or q.weight.quant_type != "int-quant" or isinstance(q.weight.bit, str):
         raise ConfigError("quant.auto_mix_bits", "needs an integer weight grid (quant.weight with quant_type "
                           "int-quant): its options are integer code widths")

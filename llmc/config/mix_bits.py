@@ -113,6 +113,19 @@ def resolve(quant, adapter) -> tuple[set[str], dict]:
     return floats, args
 
 
+def mixing_methods() -> list[str]:
+    """The registered methods that quantize each linear on its own grid (one name per method)."""
+    from llmc.registry import ALGORITHMS
+
+    seen, names = set(), []
+    for name in ALGORITHMS.names():
+        cls = ALGORITHMS.get(name)
+        if cls.mixes_bits and cls not in seen:
+            seen.add(cls)
+            names.append(cls.name)
+    return names
+
+
 def check_mix_bits(config, algo_cls) -> None:
     """Before loading: the method honours per-layer grids, no packed export, and each setting passes the
     method's own checks as if it were the stage's weight/act."""
@@ -122,7 +135,7 @@ def check_mix_bits(config, algo_cls) -> None:
     check_keys(q.mix_bits)
     if not algo_cls.mixes_bits:
         raise ConfigError("quant.mix_bits", f"with {algo_cls.name}: its search uses one grid for the whole block; "
-                          "mix_bits is available with RTN, GPTQ, SpQR, AWQ, HQQ and AdaDim")
+                          f"mix_bits is available with {', '.join(mixing_methods())}")
     for key in PACKED:
         if getattr(config.save, key, False):
             raise ConfigError(f"save.{key}", "True with quant.mix_bits: the packed formats hold one quantization "

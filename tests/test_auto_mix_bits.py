@@ -99,7 +99,7 @@ def test_widths_follow_output_error_per_bit_within_the_budget(make_config, wiki_
     from llmc.export.save import load_fake_quant
 
     auto = {"avg_bits": 3.4, "options": [2, 4]}
-    path = _config(make_config, wiki_files, tmp_path, auto)
+    path = _config(make_config, wiki_files, tmp_path, auto, save={"save_fake": True, "save_vllm": True})
     assert main(["--config", path]) == 0
     fake = load_fake_quant(tmp_path / "out" / "fake_quant_model")
     got = {}
@@ -115,6 +115,10 @@ def test_widths_follow_output_error_per_bit_within_the_budget(make_config, wiki_
     assert set(got.values()) == {2, 4}  # the budget buys some upgrades, not all
     avg = json.loads((tmp_path / "out" / "results.json").read_text())["avg_bits"]
     assert _bits(2, 1, G) / G < avg <= 3.4 + 1e-9
+    # compressed-tensors: one config group per width, naming its linears
+    qc = json.loads((tmp_path / "out" / "vllm_quant_model" / "config.json").read_text())["quantization_config"]
+    groups = {g["weights"]["num_bits"]: sorted(g["targets"]) for g in qc["config_groups"].values()}
+    assert groups == {b: sorted(n for n, w in got.items() if w == b) for b in (2, 4)}
 
 
 def test_dry_run_states_the_budget(make_config, wiki_files, tmp_path, capsys):

@@ -1,5 +1,7 @@
 """quant.mix_bits (LLMC's schema): which setting each linear takes (LLMC's alloc_bits/get_wquantizer rules),
 the bits each fake-quant weight ends on (distinct levels per group) with RTN, GPTQ and AWQ, and the refusals."""
+import json
+
 import pytest
 import torch
 
@@ -137,3 +139,63 @@ def test_dry_run_lists_the_linears_of_each_setting(make_config, wiki_files, tmp_
                      "mix_bits: 1 linears int2 asym per_channel: model.layers.1.self_attn.q_proj",
                      "mix_bits: 3 linears float: model.layers.0.self_attn.o_proj, model.layers.1.self_attn.o_proj, "
                      "model.layers.2.self_attn.o_proj"]
+
+
+def _ct_per_module(folder):
+    """The checkpoint as vLLM reads a mixed one: compressed-tensors matches each module to its config group,
+    loads the compressed tensors and decompresses them (transformers' dequantizing load takes one scheme for
+    every dense layer, so it cannot read a mix)."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(folder)
+    raw = cfg.quantization_config
+    del cfg.quantization_config
+    qc = QuantizationConfig.model_validate({k: v for k, v in raw.items() if k != "dequantize"})
+    model = AutoModelForCausalLM.from_config(cfg)
+    apply_quantization_config(model, qc)
+    compressor = ModelCompressor(quantization_config=qc)
+    compressor.compress_model(model)  # the compressed layout, so the checkpoint's tensors load into it
+    state = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(f))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and not [m for m in missing if ".layers." in m]
+    compressor.decompress_model(model)
+    return model.eval()
+
+
+def test_compressed_tensors_holds_one_group_per_setting(make_config, wiki_files, tmp_path):
+    """save_vllm with mix_bits: a config group per setting naming its linears, the float ones ignored; read
+    module by module, the checkpoint gives the fake-quant weights exactly."""
+    from llmc.export.save import load_fake_quant
+
+    path = _config(make_config, wiki_files, tmp_path, "RTN", MIX, save={"save_fake": True, "save_vllm": True})
+    assert main(["--config", path]) == 0
+    out = tmp_path / "RTN"
+    qc = json.loads((out / "vllm_quant_model" / "config.json").read_text())["quantization_config"]
+    groups = {(g["weights"]["num_bits"], g["weights"]["strategy"]): sorted(g["targets"])
+              for g in qc["config_groups"].values()}
+    assert groups[(8, "group")] == ["model.layers.0.mlp.down_proj", "model.layers.2.mlp.down_proj"]
+    assert groups[(2, "channel")] == ["model.layers.1.self_attn.q_proj"]
+    assert len(groups[(4, "group")]) == 3 * 7 - 3 - 2 - 1
+    assert all(f"model.layers.{b}.self_attn.o_proj" in qc["ignore"] for b in range(3))
+    fake = load_fake_quant(out / "fake_quant_model")
+    loaded = _ct_per_module(out / "vllm_quant_model")
+    for b in range(3):
+        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj"):
+            full = f"model.layers.{b}.{name}"
+            assert torch.equal(loaded.get_submodule(full).weight.float(), fake.get_submodule(full).weight), full
+
+
+def test_settings_of_different_compression_formats_are_refused(make_config, wiki_files, tmp_path, capsys):
+    """A W8A8 setting beside weight-only linears: int-quantized and pack-quantized cannot share a checkpoint."""
+    mix = {"setting_0": {"layer_name": ["down_proj"], "weight": {**W8, "symmetric": True, "granularity": "per_channel",
+                                                              "group_size": -1},
+                         "act": {"bit": 8, "granularity": "per_token"}}}
+    path = _config(make_config, wiki_files, tmp_path, "RTN", mix, save={"save_vllm": True})
+    assert main(["--config", path, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "save.save_vllm" in err and "int-quantized, pack-quantized" in err

@@ -56,12 +56,13 @@ def check_auto_mix_bits(config, algo_cls) -> None:
     if config.calib is None:
         raise ConfigError("calib", "quant.auto_mix_bits measures each linear's sensitivity on calibration data: "
                           "add a calib section")
-    from llmc.config.mix_bits import PACKED
+    from dataclasses import replace
 
-    for key in PACKED:
-        if getattr(config.save, key, False):
-            raise ConfigError(f"save.{key}", "True with quant.auto_mix_bits: the packed formats hold one "
-                              "quantization setting per checkpoint; use save_fake")
+    from llmc.export.packing import Spec, check_mixed_exports
+
+    base = Spec.of_config(config)
+    check_mixed_exports(config, [replace(base, weight=replace(base.weight, bit=b)) for b in auto.options],
+                        "quant.auto_mix_bits")
 
 
 def check_auto_mix_bits_model(config, adapter) -> None:

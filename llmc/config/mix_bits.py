@@ -25,7 +25,6 @@ from llmc.config.section import Section
 from llmc.errors import ConfigError
 
 PATTERN = re.compile(r"^[^#\s]+(#\d+(-\d+)*)?$")
-PACKED = ("save_autoawq", "save_gptq", "save_vllm", "save_sgl")
 
 
 class MixBitsSetting(Section):
@@ -136,10 +135,15 @@ def check_mix_bits(config, algo_cls) -> None:
     if not algo_cls.mixes_bits:
         raise ConfigError("quant.mix_bits", f"with {algo_cls.name}: its search uses one grid for the whole block; "
                           f"mix_bits is available with {', '.join(mixing_methods())}")
-    for key in PACKED:
-        if getattr(config.save, key, False):
-            raise ConfigError(f"save.{key}", "True with quant.mix_bits: the packed formats hold one quantization "
-                              "setting per checkpoint; use save_fake")
+    from dataclasses import replace
+
+    from llmc.export.packing import Spec, check_mixed_exports
+    from llmc.quant.quantizer import QuantArgs
+
+    base = Spec.of_config(config)
+    settings = [q.mix_bits[f"setting_{i}"] for i in range(len(q.mix_bits))]
+    check_mixed_exports(config, [base] + [replace(base, weight=QuantArgs.from_cfg(s.weight), act=QuantArgs.from_cfg(s.act))
+                                          for s in settings if s.do_quant], "quant.mix_bits")
     from llmc.config.checks import ACT_GRANULARITIES, WEIGHT_GRANULARITIES
 
     for i in range(len(q.mix_bits)):

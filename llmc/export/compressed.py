@@ -30,6 +30,10 @@ compressed-tensors' own compressor store them) also carry `dequantize: true`: co
 transformers' default compressed load refuses every such checkpoint (llm-compressor's too). The key makes
 transformers take its dequantizing load, which reads them right; vLLM and SGLang ignore it.
 
+Linears of several settings (mix_bits, auto_mix_bits) get one config group per setting whose targets name
+them; they must share one format. vLLM and compressed-tensors match each module to its group; transformers'
+dequantizing CPU load (5.x) takes one scheme for every dense layer and cannot read such a checkpoint.
+
 Refused: e5m2, GPTQ act order with moving groups (compressed-tensors dropped g_idx), activation
 granularities other than per_token/per_tensor, integer/float mixes of weights and activations, KV-cache
 quantization, and whatever compressed-tensors' own validation rejects.
@@ -40,6 +44,7 @@ import json
 from typing import Optional
 
 import torch
+from loguru import logger
 
 from llmc.errors import UserError
 from llmc.export.packing import (PackedFormat, Spec, common_checks, float_linears, group_table, refuse,
@@ -83,14 +88,15 @@ def compression_format(spec: Spec) -> str:
     return "int-quantized" if spec.act is not None else "pack-quantized"
 
 
-def scheme_of(spec: Spec, key: str):
+def scheme_of(spec: Spec, key: str, targets: Optional[list[str]] = None):
+    """The config group of `spec`: every Linear, or the named modules (one group per setting of a mix)."""
     _ct()
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     try:
         weights = QuantizationArgs(**_args(spec.weight, dynamic=False))
         inputs = QuantizationArgs(**_args(spec.act, dynamic=not spec.act.static)) if spec.act else None
-        return QuantizationScheme(targets=["Linear"], weights=weights, input_activations=inputs,
+        return QuantizationScheme(targets=targets or ["Linear"], weights=weights, input_activations=inputs,
                                   format=compression_format(spec))
     except (ValueError, NotImplementedError) as err:  # pydantic's ValidationError is a ValueError
         refuse(key, FORMAT, f"weight {spec.weight.describe()}" + (f", act {spec.act.describe()}" if spec.act else ""),
@@ -130,6 +136,17 @@ def check(spec: Spec, key: str = "save.save_vllm") -> None:
             refuse(key, FORMAT, f"quant.act.bit={a.bit} with quant.weight.bit={w.bit}", "weights and activations "
                    "are both integer (int-quantized) or both fp8 e4m3 (float-quantized)")
     scheme_of(spec, key)
+
+
+def check_mixed(specs: list[Spec], key: str = "save.save_vllm") -> None:
+    """Linears of several settings: each storable, all in one compression format (the checkpoint has one)."""
+    for spec in specs:
+        check(spec, key)
+    formats = {compression_format(s) for s in specs}
+    if len(formats) > 1:
+        refuse(key, FORMAT, f"layers in the formats {', '.join(sorted(formats))} in one checkpoint", "a checkpoint "
+               "has one compression format; keep every setting weight-only (or every one with activations), of "
+               "one weight type")
 
 
 def _qparam(t: torch.Tensor, q) -> torch.Tensor:
@@ -228,21 +245,25 @@ def save(model, tokenizer, path, recipe: Optional[dict] = None, key: str = "save
     layers = list(quant_linears(model))
     if not layers:
         refuse(key, FORMAT, "a model without quantized linears", "nothing to compress")
-    specs = {Spec.of(q) for _, q in layers}
-    for spec in specs:
-        check(spec, key)
-    if len(specs) > 1:
-        refuse(key, FORMAT, "layers quantized with different settings", "llmc writes one config group")
-    spec = specs.pop()
-    scheme, fmt = scheme_of(spec, key), compression_format(spec)
+    by_spec: dict[Spec, list[str]] = {}
+    for name, q in layers:
+        by_spec.setdefault(Spec.of(q), []).append(name)
+    check_mixed(list(by_spec), key)
+    fmt = compression_format(next(iter(by_spec)))
+    # one setting: one group over every Linear; a mix (mix_bits): one group per setting naming its modules
+    schemes = {spec: scheme_of(spec, key, None if len(by_spec) == 1 else names) for spec, names in by_spec.items()}
+    if len(by_spec) > 1:
+        logger.info(f"{key}: {len(by_spec)} config groups, one per setting (vLLM, SGLang and compressed-tensors match "
+                    "each module to its group; transformers' dequantizing load reads one scheme for all dense layers)")
     dtype = layers[0][1].weight.dtype
-    tensors = {name: compress_layer(name, q, scheme, fmt, dtype) for name, q in layers}
-    config = QuantizationConfig(config_groups={"group_0": scheme}, format=fmt, ignore=float_linears(model),
-                                quantization_status="compressed")
+    tensors = {name: compress_layer(name, q, schemes[Spec.of(q)], fmt, dtype) for name, q in layers}
+    config = QuantizationConfig(config_groups={f"group_{i}": s for i, s in enumerate(schemes.values())}, format=fmt,
+                                ignore=float_linears(model), quantization_status="compressed")
 
     def finish(folder) -> None:
         ModelCompressor(quantization_config=config).update_config(str(folder))
-        if packed_zero_points(scheme, fmt) or (fmt in FP4_PACKED and dtype != torch.bfloat16):
+        packed_zeros = any(packed_zero_points(s, fmt) for s in schemes.values())
+        if packed_zeros or (fmt in FP4_PACKED and dtype != torch.bfloat16):
             config_file = folder / "config.json"
             data = json.loads(config_file.read_text())
             data["quantization_config"]["dequantize"] = True
@@ -258,7 +279,7 @@ def packed_zero_points(scheme, fmt: str) -> bool:
     return fmt == "pack-quantized" and not w.symmetric and w.strategy in ("group", "channel")
 
 
-VLLM = register(PackedFormat("save_vllm", "vllm_quant_model", check, save))
-SGL = register(PackedFormat("save_sgl", "sgl_quant_model", check, save))
+VLLM = register(PackedFormat("save_vllm", "vllm_quant_model", check, save, check_mixed=check_mixed))
+SGL = register(PackedFormat("save_sgl", "sgl_quant_model", check, save, check_mixed=check_mixed))
 # LLMC's save_lightllm writes the checkpoint its save_vllm writes, into lightllm_quant_model/.
-LIGHTLLM = register(PackedFormat("save_lightllm", "lightllm_quant_model", check, save))
+LIGHTLLM = register(PackedFormat("save_lightllm", "lightllm_quant_model", check, save, check_mixed=check_mixed))

@@ -71,6 +71,8 @@ class PackedFormat:
     scale_dtype: Optional[str | Callable[[QuantArgs], Optional[str]]] = None
     # checks needing the checkpoint's config (shapes against the format's layout), before any weight loads
     check_model: Optional[Callable[[object, object], None]] = None
+    # formats that store linears of several settings in one checkpoint (mix_bits): raises for what it cannot
+    check_mixed: Optional[Callable[[list[Spec], str], None]] = None
 
     def stored_scale_dtype(self, weight: Optional[QuantArgs]) -> Optional[str]:
         return self.scale_dtype(weight) if callable(self.scale_dtype) else self.scale_dtype
@@ -96,6 +98,17 @@ def packed_exports(config, hf_config=None) -> list[PackedFormat]:
         if fmt.check_model is not None and hf_config is not None:
             fmt.check_model(config, hf_config)
     return chosen
+
+
+def check_mixed_exports(config, specs: list[Spec], why: str) -> None:
+    """Before loading: every packed format `config.save` turns on can hold linears of all these settings
+    in one checkpoint (`why` names the key that mixes them)."""
+    for fmt in packed_exports(config):
+        if fmt.check_mixed is None:
+            raise ConfigError(f"save.{fmt.key}", f"True with {why}: the {fmt.folder} "
+                              "format holds one quantization setting per checkpoint; use save_vllm/save_sgl "
+                              "(compressed-tensors, one config group per setting) or save_fake")
+        fmt.check_mixed(specs, f"save.{fmt.key}")
 
 
 def refuse(key: str, fmt: str, setting: str, why: str) -> None:

@@ -39,7 +39,9 @@ MIX = {
 
 @pytest.mark.parametrize("method, special", [("RTN", {}), ("GPTQ", {"actorder": True, "static_groups": True}),
                                              ("Awq", {"trans": True, "trans_version": "v2", "weight_clip": True}),
-                                             ("SignRound", {"iters": 3, "batch_size": 4})])
+                                             ("SignRound", {"iters": 3, "batch_size": 4}),
+                                             ("OmniQuant", {"lwc": True, "let": False, "epochs": 1}),
+                                             ("TesseraQ", {"iterations": 3, "batch_size": 4, "thresholds": [0.5, 0.1]})])
 def test_each_linear_ends_on_its_settings_grid(make_config, wiki_files, tmp_path, tiny_dir, method, special):
     from transformers import AutoModelForCausalLM
 
@@ -105,7 +107,7 @@ def _check(path):
     ("RTN", {"setting_0": {"layer_name": ["o_proj"], "do_quant": True}}, None, "weight section"),
     ("RTN", {"setting_0": {"layer_name": ["o_proj"], "do_quant": False, "weight": W8}}, None, "do_quant False"),
     ("RTN", {"setting_0": {"layer_name": ["o_proj#1-x"], "do_quant": False}}, None, "o_proj#1-x"),
-    ("OmniQuant", {"setting_0": {"layer_name": ["o_proj"], "do_quant": False}}, None, "quant.mix_bits"),
+    ("QuaRot", {"setting_0": {"layer_name": ["o_proj"], "do_quant": False}}, None, "quant.mix_bits"),
     ("RTN", {"setting_0": {"layer_name": ["o_proj"], "weight": W8}}, {"save_gptq": True}, "save.save_gptq"),
     ("HQQ", {"setting_0": {"layer_name": ["o_proj"], "weight": {**W8, "symmetric": True}}}, None,
      "quant.mix_bits.setting_0"),

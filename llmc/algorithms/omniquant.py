@@ -70,6 +70,7 @@ class OmniQuant(Algorithm):
     data_driven = True
     needs_targets = True
     weight_calib_algos = ("learnable",)
+    mixes_bits = True  # LWC learns each linear's clip on its own grid
 
     def __init__(self, wargs, aargs, options):
         # Straight-through rounding while training (inference rounds plainly: no gradient is asked for).
@@ -170,23 +171,24 @@ class OmniQuant(Algorithm):
                 with torch.no_grad():
                     weight = q.weight.detach()  # LET-transformed at its initial value
                 full = job.full_name(name)
+                wargs = replace(q.wargs, ste=True)  # the linear's own grid (mix_bits), trained straight-through
                 if f"{full}.max" in clips:
-                    q.lwc = LearnableClip.from_clip(weight, self.wargs, clips[f"{full}.min"], clips[f"{full}.max"])
+                    q.lwc = LearnableClip.from_clip(weight, wargs, clips[f"{full}.min"], clips[f"{full}.max"])
                 elif feats is not None and name not in job.score_layers:
                     xs = feats[subset.input]
                     if subset.input in divisors:
                         s, z = divisors[subset.input]
                         xs = [(x - z.to(x.dtype)) / s.to(x.dtype) if z is not None else x / s.to(x.dtype) for x in xs]
-                    sym = self.wargs.symmetric
-                    c_lo, c_hi = clip_search(weight, xs, self.wargs, sym, opts.clip_grid, opts.max_shrink,
+                    sym = wargs.symmetric
+                    c_lo, c_hi = clip_search(weight, xs, wargs, sym, opts.clip_grid, opts.max_shrink,
                                              opts.clip_tokens, job.inputs.token_index, job.ctx.reduce)
-                    q.lwc = LearnableClip.from_clip(weight, self.wargs, c_lo, c_hi)
-                elif clips or feats is not None or self.wargs.calib_algo == "mse" or not opts.lwc:
+                    q.lwc = LearnableClip.from_clip(weight, wargs, c_lo, c_hi)
+                elif clips or feats is not None or wargs.calib_algo == "mse" or not opts.lwc:
                     # the quantizer's own range (minmax or mse): where AWQ left q/k, and all of LWC's
                     # grid when LWC is off
-                    q.lwc = LearnableClip.from_range(weight, self.wargs)
+                    q.lwc = LearnableClip.from_range(weight, wargs)
                 else:
-                    q.lwc = LearnableClip(weight, self.wargs)  # the reference's start, sigmoid(4)
+                    q.lwc = LearnableClip(weight, wargs)  # the reference's start, sigmoid(4)
                 params += [p for p in q.lwc.parameters()]
         if clips and not any(f"{job.full_name(n)}.max" in clips for n in qlinears):
             raise UserError(f"OmniQuant: the clip file has no entry for any linear of {job.name} "

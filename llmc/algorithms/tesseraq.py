@@ -169,6 +169,7 @@ class TesseraQ(Algorithm):
     needs_targets = True
     folds = False  # True on instances with load_transform (AWQ's scales folded: the engine checks the folds)
     weight_calib_algos = ("learnable",)  # LLMC's configs name it; the grid comes from the clips or min/max
+    mixes_bits = True  # each linear's rounding is learned on its own grid
 
     def __init__(self, wargs, aargs, options: TesseraQOptions):
         super().__init__(wargs, aargs, options)
@@ -282,7 +283,7 @@ class TesseraQ(Algorithm):
                 if name in job.score_layers:  # q/k: AWQ (and LLMC's auto_clip) leave them unclipped
                     continue
                 w = job.module(name).weight.data
-                lo, hi = clip_search(w, feats[subset.input], self.wargs, sym, token_index=job.inputs.token_index,
+                lo, hi = clip_search(w, feats[subset.input], self.args_of(job, name)[0], sym, token_index=job.inputs.token_index,
                                      reduce=job.ctx.reduce)
                 clipped = torch.clamp(w.float().view(w.shape[0], lo.shape[1], -1), lo.unsqueeze(-1), hi.unsqueeze(-1))
                 w.copy_(clipped.view_as(w).to(w.dtype))
@@ -291,7 +292,7 @@ class TesseraQ(Algorithm):
         """The grid (from AWQ's clips with v2, else the weight quantizer's min/max or mse range) and the
         soft rounding variables on it."""
         opts: TesseraQOptions = self.options
-        wg = grouped(q.weight.detach().float(), self.wargs)
+        wg = grouped(q.weight.detach().float(), q.wargs)
         clips = self.loaded.get("clips", {})
         full = job.full_name(name)
         if f"{full}.max" in clips:
@@ -301,13 +302,13 @@ class TesseraQ(Algorithm):
                 raise UserError(f"TesseraQ: the clips of {full} have {lo.numel()} groups, the weight quantizer "
                                 f"makes {wmin.numel()} (the clips were found with another group size)")
             lo, hi = (c.reshape(wmin.shape).to(wmin) for c in (lo, hi))
-            scale, zero = qparams_from_range(torch.maximum(lo, wmin), torch.minimum(hi, wmax), self.wargs)
+            scale, zero = qparams_from_range(torch.maximum(lo, wmin), torch.minimum(hi, wmax), q.wargs)
         else:
             if clips and name not in job.score_layers:
                 raise UserError(f"TesseraQ: the clip state has no entry for {full} (keys are full module names "
                                 "such as model.layers.0.mlp.down_proj.max)")
-            scale, zero = calibrate(wg, self.wargs)
-        return SoftRounding(q.weight, scale, zero, self.wargs, opts.optimize_scale)
+            scale, zero = calibrate(wg, q.wargs)
+        return SoftRounding(q.weight, scale, zero, q.wargs, opts.optimize_scale)
 
     # ---- training -------------------------------------------------------------------------------
     def _train(self, job, targets, aug, rounding: list[SoftRounding]) -> None:

@@ -134,7 +134,7 @@ def test_dry_run_states_the_budget(make_config, wiki_files, tmp_path, capsys):
      ["quant.auto_mix_bits.avg_bits", "5.0", "from 2.562 (all 2-bit) to 4.625 bits"]),
     ({"avg_bits": 3.0, "options": [4]}, "RTN", None, None, ["auto_mix_bits.options", "at least two"]),
     ({"avg_bits": 3.0, "options": [2, 9]}, "RTN", None, None, ["auto_mix_bits.options", "from 2 to 8"]),
-    ({"avg_bits": 3.0, "options": [2, 4]}, "OmniQuant", None, None, ["quant.auto_mix_bits", "OmniQuant", "SignRound"]),
+    ({"avg_bits": 3.0, "options": [2, 4]}, "QuaRot", None, None, ["quant.auto_mix_bits", "Quarot", "available with"]),
     ({"avg_bits": 3.0, "options": [2, 4]}, "RTN", {"save_gptq": True}, None, ["save.save_gptq"]),
     ({"avg_bits": 3.0, "options": [2, 4]}, "RTN", None,
      {"mix_bits": {"setting_0": {"layer_name": ["o_proj"], "do_quant": False}}}, ["quant.auto_mix_bits", "not both"]),

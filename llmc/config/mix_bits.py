@@ -133,7 +133,7 @@ def check_mix_bits(config, algo_cls) -> None:
         return
     check_keys(q.mix_bits)
     if not algo_cls.mixes_bits:
-        raise ConfigError("quant.mix_bits", f"with {algo_cls.name}: its search uses one grid for the whole block; "
+        raise ConfigError("quant.mix_bits", f"with {algo_cls.name}: it quantizes every linear with the stage's one setting; "
                           f"mix_bits is available with {', '.join(mixing_methods())}")
     from dataclasses import replace
 

@@ -68,8 +68,9 @@ def plan(config: Config, ignored_names) -> str:
         lines += _mix_bits_lines(stage, adapter)
         auto = stage.quant.auto_mix_bits
         if auto is not None:
-            lines.append(f"  auto_mix_bits: each linear {' or '.join(map(str, auto.options))} bits, {auto.avg_bits} bits per "
-                         f"weight on average, chosen per block on {auto.n_samples or 'all'} calibration samples")
+            lines.append(f"  auto_mix_bits: each linear {' or '.join(map(str, auto.options))} bits, {auto.avg_bits} "
+                         f"bits per weight on average, chosen per block on {auto.n_samples or 'all'} calibration "
+                         "samples")
     block_params = max(sum(p.numel() for p in b.parameters()) for b in blocks)
     layouts: dict[tuple, list[int]] = {}  # blocks with the same subsets (MoE models mix dense and expert blocks)
     for i in range(len(blocks)):

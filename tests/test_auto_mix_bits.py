@@ -91,14 +91,16 @@ def _expected_widths(model, batches, options, avg_bits):
     return widths
 
 
-def test_widths_follow_output_error_per_bit_within_the_budget(make_config, wiki_files, tmp_path, tiny_dir):
+@pytest.mark.parametrize("n_samples, avg_bits", [(None, 3.4), (4, 2.8)])
+def test_widths_follow_output_error_per_bit_within_the_budget(make_config, wiki_files, tmp_path, tiny_dir, n_samples,
+                                                              avg_bits):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from llmc.config.loader import load_config
     from llmc.data import batch_samples, load_calib_samples
     from llmc.export.save import load_fake_quant
 
-    auto = {"avg_bits": 3.4, "options": [2, 4]}
+    auto = {"avg_bits": avg_bits, "options": [2, 4], **({"n_samples": n_samples} if n_samples else {})}
     path = _config(make_config, wiki_files, tmp_path, auto, save={"save_fake": True, "save_vllm": True})
     assert main(["--config", path]) == 0
     fake = load_fake_quant(tmp_path / "out" / "fake_quant_model")
@@ -110,11 +112,13 @@ def test_widths_follow_output_error_per_bit_within_the_budget(make_config, wiki_
     config = load_config(path)
     model = AutoModelForCausalLM.from_pretrained(tiny_dir()).float().eval()
     batches = batch_samples(load_calib_samples(config.calib, AutoTokenizer.from_pretrained(tiny_dir())), 4)
-    want = _expected_widths(model, batches, [2, 4], 3.4)
+    want = _expected_widths(model, batches[:1] if n_samples else batches, [2, 4], avg_bits)  # bs 4: one batch
     assert got == want
+    if n_samples:  # the samples measured decide: at this budget all of them choose otherwise
+        assert want != _expected_widths(model, batches, [2, 4], avg_bits)
     assert set(got.values()) == {2, 4}  # the budget buys some upgrades, not all
     avg = json.loads((tmp_path / "out" / "results.json").read_text())["avg_bits"]
-    assert _bits(2, 1, G) / G < avg <= 3.4 + 1e-9
+    assert _bits(2, 1, G) / G < avg <= avg_bits + 1e-9
     # compressed-tensors: one config group per width, naming its linears
     qc = json.loads((tmp_path / "out" / "vllm_quant_model" / "config.json").read_text())["quantization_config"]
     groups = {g["weights"]["num_bits"]: sorted(g["targets"]) for g in qc["config_groups"].values()}

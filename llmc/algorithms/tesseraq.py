@@ -283,7 +283,8 @@ class TesseraQ(Algorithm):
                 if name in job.score_layers:  # q/k: AWQ (and LLMC's auto_clip) leave them unclipped
                     continue
                 w = job.module(name).weight.data
-                lo, hi = clip_search(w, feats[subset.input], self.args_of(job, name)[0], sym, token_index=job.inputs.token_index,
+                wargs = self.args_of(job, name)[0]  # the linear's own grid (mix_bits)
+                lo, hi = clip_search(w, feats[subset.input], wargs, sym, token_index=job.inputs.token_index,
                                      reduce=job.ctx.reduce)
                 clipped = torch.clamp(w.float().view(w.shape[0], lo.shape[1], -1), lo.unsqueeze(-1), hi.unsqueeze(-1))
                 w.copy_(clipped.view_as(w).to(w.dtype))

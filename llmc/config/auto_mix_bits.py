@@ -48,8 +48,8 @@ def check_auto_mix_bits(config, algo_cls) -> None:
     if not algo_cls.mixes_bits:
         from llmc.config.mix_bits import mixing_methods
 
-        raise ConfigError("quant.auto_mix_bits", f"with {algo_cls.name}: it quantizes every linear with the stage's one setting; "
-                          f"auto_mix_bits is available with {', '.join(mixing_methods())}")
+        raise ConfigError("quant.auto_mix_bits", f"with {algo_cls.name}: it quantizes every linear with the stage's "
+                          f"one setting; auto_mix_bits is available with {', '.join(mixing_methods())}")
     if q.weight is None or q.weight.quant_type != "int-quant" or isinstance(q.weight.bit, str):
         raise ConfigError("quant.auto_mix_bits", "needs an integer weight grid (quant.weight with quant_type "
                           "int-quant): its options are integer code widths")

@@ -133,8 +133,8 @@ def check_mix_bits(config, algo_cls) -> None:
         return
     check_keys(q.mix_bits)
     if not algo_cls.mixes_bits:
-        raise ConfigError("quant.mix_bits", f"with {algo_cls.name}: it quantizes every linear with the stage's one setting; "
-                          f"mix_bits is available with {', '.join(mixing_methods())}")
+        raise ConfigError("quant.mix_bits", f"with {algo_cls.name}: it quantizes every linear with the stage's one "
+                          f"setting; mix_bits is available with {', '.join(mixing_methods())}")
     from dataclasses import replace
 
     from llmc.export.packing import Spec, check_mixed_exports
@@ -142,8 +142,9 @@ def check_mix_bits(config, algo_cls) -> None:
 
     base = Spec.of_config(config)
     settings = [q.mix_bits[f"setting_{i}"] for i in range(len(q.mix_bits))]
-    check_mixed_exports(config, [base] + [replace(base, weight=QuantArgs.from_cfg(s.weight), act=QuantArgs.from_cfg(s.act))
-                                          for s in settings if s.do_quant], "quant.mix_bits")
+    mixed = [replace(base, weight=QuantArgs.from_cfg(s.weight), act=QuantArgs.from_cfg(s.act))
+             for s in settings if s.do_quant]
+    check_mixed_exports(config, [base] + mixed, "quant.mix_bits")
     from llmc.config.checks import ACT_GRANULARITIES, WEIGHT_GRANULARITIES
 
     for i in range(len(q.mix_bits)):

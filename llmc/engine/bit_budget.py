@@ -26,7 +26,6 @@ class BitBudget:
     def __init__(self, cfg, wargs: QuantArgs, aargs: Optional[QuantArgs], shapes: list[tuple[int, int]]):
         self.options = [replace(wargs, bit=b) for b in cfg.options]
         self.aargs, self.n_samples = aargs, cfg.n_samples
-        self.avg_bits = cfg.avg_bits
         self.weights_left = sum(o * i for o, i in shapes)
         self.bits_left = cfg.avg_bits * self.weights_left
         self.chosen: dict[str, int] = {}  # full linear name -> code width, as quantized

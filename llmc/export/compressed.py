@@ -245,9 +245,10 @@ def save(model, tokenizer, path, recipe: Optional[dict] = None, key: str = "save
     layers = list(quant_linears(model))
     if not layers:
         refuse(key, FORMAT, "a model without quantized linears", "nothing to compress")
+    spec_of = {name: Spec.of(q) for name, q in layers}
     by_spec: dict[Spec, list[str]] = {}
-    for name, q in layers:
-        by_spec.setdefault(Spec.of(q), []).append(name)
+    for name, spec in spec_of.items():
+        by_spec.setdefault(spec, []).append(name)
     check_mixed(list(by_spec), key)
     fmt = compression_format(next(iter(by_spec)))
     # one setting: one group over every Linear; a mix (mix_bits): one group per setting naming its modules
@@ -256,7 +257,7 @@ def save(model, tokenizer, path, recipe: Optional[dict] = None, key: str = "save
         logger.info(f"{key}: {len(by_spec)} config groups, one per setting (vLLM, SGLang and compressed-tensors match "
                     "each module to its group; transformers' dequantizing load reads one scheme for all dense layers)")
     dtype = layers[0][1].weight.dtype
-    tensors = {name: compress_layer(name, q, schemes[Spec.of(q)], fmt, dtype) for name, q in layers}
+    tensors = {name: compress_layer(name, q, schemes[spec_of[name]], fmt, dtype) for name, q in layers}
     config = QuantizationConfig(config_groups={f"group_{i}": s for i, s in enumerate(schemes.values())}, format=fmt,
                                 ignore=float_linears(model), quantization_status="compressed")
 

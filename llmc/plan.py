@@ -4,6 +4,7 @@ sizes and a rough peak-memory estimate."""
 from __future__ import annotations
 
 from llmc.config.checks import algorithm_options, check_against_model
+from llmc.config.handoff import check_clip_handoff
 from llmc.config.schema import Config
 from llmc.export.packing import packed_exports
 from llmc.models import adapter_class, load_hf_config, meta_model, resolve_source
@@ -54,6 +55,7 @@ def plan(config: Config, ignored_names) -> str:
         stages = config.stage_configs()
         for stage in stages:
             check_against_model(stage, adapter)
+        check_clip_handoff(stages, adapter)
         exports = packed_exports(config, hf_config)  # refused here as the run refuses them, before any weight
     ignored = ignored_names(config, adapter)
     blocks = adapter.block_list()

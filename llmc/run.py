@@ -14,6 +14,7 @@ from loguru import logger
 from llmc.config import mix_bits
 from llmc.config.auto_mix_bits import quantized_shapes
 from llmc.config.checks import algorithm_options, check_against_model
+from llmc.config.handoff import check_clip_handoff
 from llmc.config.schema import Config
 from llmc.data import batch_samples, load_calib_samples, load_eval_text
 from llmc.engine import distributed
@@ -143,6 +144,7 @@ def run(config: Config, device: Optional[str] = None, config_path: Optional[str]
     else:
         for stage in stages:
             check_against_model(stage, adapter_cls(meta_model(hf_config)))
+        check_clip_handoff(stages, adapter_cls(meta_model(hf_config)))
         # a format that cannot store the settings (or the family) refuses now, not after the run
         exports = packed_exports(config, hf_config)
     stored_scales(exports, stages)

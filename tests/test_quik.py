@@ -182,6 +182,23 @@ def test_bad_keys_refused_before_loading(make_config, wiki_files, capsys, specia
         assert word in err, err
 
 
+def test_last_fc_bit_beside_mix_bits_is_refused(make_config, wiki_files, capsys):
+    """Both set down_proj's bits: refused, rather than one silently overriding the other."""
+    import yaml
+
+    path = _quik_config(make_config, wiki_files)
+    raw = yaml.safe_load(open(path))
+    raw["quant"]["mix_bits"] = {"setting_0": {"layer_name": ["down_proj"], "do_quant": True,
+                                              "weight": {"bit": 6, "symmetric": True, "granularity": "per_channel"}}}
+    open(path, "w").write(yaml.safe_dump(raw))
+    assert main(["--config", path, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "quant.special.last_fc_bit" in err and "mix_bits" in err, err
+    del raw["quant"]["special"]["last_fc_bit"]
+    open(path, "w").write(yaml.safe_dump(raw))
+    assert main(["--config", path, "--dry-run"]) == 0
+
+
 def test_fp_features_is_required(make_config, wiki_files, capsys):
     import yaml
 

@@ -74,6 +74,10 @@ class QUIK(GPTQ):
         if opts.last_fc_bit is not None and q.weight.quant_type != "int-quant":
             raise ConfigError("quant.special.last_fc_bit", f"{opts.last_fc_bit} with weight quant_type "
                               f"{q.weight.quant_type}: it sets integer bits; remove it or use int-quant weights")
+        if opts.last_fc_bit is not None and q.mix_bits:
+            raise ConfigError("quant.special.last_fc_bit", f"{opts.last_fc_bit} with quant.mix_bits: both would set the "
+                              "MLP output projections' bits; give them a mix_bits setting (layer_name: [down_proj]) "
+                              "and remove last_fc_bit, or remove mix_bits")
         if opts.static_groups and opts.fp_features:
             raise ConfigError("quant.special.static_groups", "True with QUIK: its groups are formed over the columns "
                               "it quantizes, after setting the float ones aside; set static_groups: False")

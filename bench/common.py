@@ -138,7 +138,7 @@ def run_row(spec, common: list[str], work: Path) -> dict:
         if done.is_file():
             results.append(json.loads(done.read_text()))
             continue
-        res = run_llmc(step[0], common + [o.replace("{work}", work) for o in step[1]], f"{work}/step{i}", *step[2:])
+        res = run_llmc(step[0], common + [o.replace("{work}", str(work)) for o in step[1]], f"{work}/step{i}", *step[2:])
         done.write_text(json.dumps(res))
         results.append(res)
     shutil.rmtree(work, ignore_errors=True)

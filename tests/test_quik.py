@@ -230,3 +230,24 @@ def test_static_act_range_leaves_out_the_float_features():
     xq[..., rest] = torch.clamp(torch.round(x[..., rest] / step), -128, 127) * step
     torch.testing.assert_close(got, q.weight.detach().matmul(xq.unsqueeze(-1)).squeeze(-1) + q.bias.detach(),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_dynamic_per_token_act_ranges_follow_each_new_float_set():
+    """Changing the float features (a new QUIK calibration) must move the per-token ranges with them."""
+    q = QuantLinear(torch.nn.Linear(12, 3), None, QuantArgs(bit=4, symmetric=False, granularity="per_token"))
+    torch.manual_seed(2)
+    x = torch.randn(2, 4, 12)
+    x[..., 3] *= 50
+    x[..., 7] *= 20
+    for cols in ([3], [3, 7], [7, 0]):
+        q.set_act_float_cols(torch.tensor(cols))
+        rest = [c for c in range(12) if c not in cols]
+        lo = x[..., rest].amin(-1, keepdim=True).clamp(max=0)
+        hi = x[..., rest].amax(-1, keepdim=True).clamp(min=0)
+        step = (hi - lo) / 15
+        zero = torch.round(-lo / step)
+        xq = x.clone()
+        xq[..., rest] = (torch.clamp(torch.round(x[..., rest] / step) + zero, 0, 15) - zero) * step
+        with torch.no_grad():
+            got = q(x)
+        torch.testing.assert_close(got, torch.nn.functional.linear(xq, q.weight, q.bias), rtol=1e-5, atol=1e-5)

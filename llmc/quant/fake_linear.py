@@ -230,11 +230,21 @@ class QuantLinear(nn.Module):
     def _quant_act(self, x: torch.Tensor, float_cols: Optional[torch.Tensor]) -> torch.Tensor:
         if float_cols is None:
             return self.act_quant(x)
-        rest = torch.ones(x.shape[-1], dtype=torch.bool, device=x.device)
-        rest[float_cols.to(x.device)] = False
-        out = x.clone()
-        out[..., rest] = self.act_quant(x[..., rest])  # ranges from the quantized features only
-        return out
+        rest = self._quantized_cols(float_cols, x.shape[-1], x.device)
+        # ranges from the quantized features only; index_select/index_copy_ with an index built once per set
+        # of float columns, where a boolean mask would cost a host sync on every forward on CUDA
+        return x.clone().index_copy_(-1, rest, self.act_quant(x.index_select(-1, rest)))
+
+    def _quantized_cols(self, float_cols: torch.Tensor, width: int, device: torch.device) -> torch.Tensor:
+        """Indices of the input features outside float_cols, cached while float_cols is the same, unchanged
+        tensor (held by the cache, so its identity cannot pass to a new tensor)."""
+        cached = getattr(self, "_act_rest", None)
+        key = (float_cols._version, width, device)
+        if cached is None or cached[0] is not float_cols or cached[1] != key:
+            keep = torch.ones(width, dtype=torch.bool)
+            keep[float_cols.cpu()] = False
+            cached = self._act_rest = (float_cols, key, torch.nonzero(keep).flatten().to(device))
+        return cached[2]
 
     def _decomposed(self, x: torch.Tensor) -> torch.Tensor:
         """LLM.int8()'s mixed-precision decomposition, fake-quantized: the input features holding any value

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import tempfile
 from pathlib import Path
@@ -32,6 +33,18 @@ EVAL = ["eval.num_samples=40", "eval.seq_len=2048", "eval.eval_pos=[fake_quant]"
         "calib.seed=0", "base.seed=0"]
 PEERS = ROOT.parent / "shared" / "peers"
 TARGET = {4: 22.42, 3: 27.88, 2: 66.70}  # auto-round 0.16.1 on this protocol (../shared/peers/README.md)
+# weight-only tables on the same protocol whose rows compete for the best llmc row at each width
+SAME_PROTOCOL = ("tesseraq_smollm2", "omniquant_smollm2")
+
+
+def other_tables(bit: int) -> dict:
+    """Weight-only rows at `bit` bits (label "Wb" not followed by a digit or "A") from SAME_PROTOCOL."""
+    found = {}
+    for name in SAME_PROTOCOL:
+        path = RESULTS / f"{name}.json"
+        rows = json.loads(path.read_text()) if path.exists() else {}
+        found.update({f"{k} [{name}.md]": r for k, r in rows.items() if re.search(rf"\bW{bit}(?![\dA])", k)})
+    return found
 
 
 def autoround(bits: int, seed: int = 0):
@@ -89,14 +102,16 @@ def done_check(rows: dict) -> str:
     for bit in (4, 3, 2):
         # seed 0 against seed 0 (the sweep's rows are summarised below, never picked as a best row)
         ours = {k: r for k, r in rows.items() if f"W{bit}" in k and "peer" not in r and k not in SWEEP}
+        signround = {k: r for k, r in ours.items() if k.startswith("SignRound")}
+        ours.update(other_tables(bit))
         peer = next((r for k, r in rows.items() if f"W{bit}" in k and "peer" in r and k not in SWEEP), None)
         best = min(ours, key=lambda k: ours[k]["ppl"]) if ours else None
         ref = peer["ppl"] if peer else TARGET[bit]
         ppl_verdict = "pending" if best is None else ("met" if ours[best]["ppl"] <= ref else "not met")
         # the time target holds for a SignRound row no worse than the peer, measured on the peer's machine
-        signround = {k: r for k, r in ours.items() if k.startswith("SignRound") and r["ppl"] <= ref}
-        fastest = min(signround, key=lambda k: signround[k]["quantize_s"]) if signround else None
-        if peer is None or not any(k.startswith("SignRound") for k in ours):
+        fast_enough = {k: r for k, r in signround.items() if r["ppl"] <= ref}
+        fastest = min(fast_enough, key=lambda k: fast_enough[k]["quantize_s"]) if fast_enough else None
+        if peer is None or not signround:
             time_verdict = "pending"
         elif fastest is None:
             time_verdict = "not met: no SignRound row at or below the peer's PPL"
@@ -111,7 +126,8 @@ def done_check(rows: dict) -> str:
                 if "ppl_as_returned" in r]
     note = ("\n\nauto-round's PPL in the table is its returned model cast to float32 (the protocol); scored as "
             "returned by its script: " + "; ".join(returned)) if returned else ""
-    return ("Done check (best llmc row against auto-round on this machine, else its README figure)\n\n" + markdown(
+    return ("Done check (best llmc row, this table's or a same-protocol table's, against auto-round on this machine, "
+            "else its README figure)\n\n" + markdown(
         ["bits", "best llmc row", "auto-round", "PPL", "SignRound time (PPL <= peer's)"], body) + note
         + seed_sweep(rows))
 

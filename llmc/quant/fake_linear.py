@@ -128,6 +128,7 @@ class QuantLinear(nn.Module):
         self.lwc: Optional[nn.Module] = None  # OmniQuant's learnable clipping while it trains
         self.quant_enabled = True
         self._cache_key = None
+        self._act_rest = None  # (float_cols, key, quantized column indices) for _quant_act
         self._cache: Optional[torch.Tensor] = None
         if rotation_of(linear) is not None:  # QuaRot's online Hadamard: runs before the activation quantizer
             attach(self, rotation_of(linear))
@@ -238,7 +239,7 @@ class QuantLinear(nn.Module):
     def _quantized_cols(self, float_cols: torch.Tensor, width: int, device: torch.device) -> torch.Tensor:
         """Indices of the input features outside float_cols, cached while float_cols is the same, unchanged
         tensor (held by the cache, so its identity cannot pass to a new tensor)."""
-        cached = getattr(self, "_act_rest", None)
+        cached = self._act_rest
         key = (float_cols._version, width, device)
         if cached is None or cached[0] is not float_cols or cached[1] != key:
             keep = torch.ones(width, dtype=torch.bool)
